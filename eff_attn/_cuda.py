@@ -1,0 +1,67 @@
+"""Shared helpers for the ``cupy.py`` backend modules.
+
+The CuPy backends are written against an array namespace ``xp``: ``cupy`` on a
+GPU, ``numpy`` when emulated (see :func:`eff_attn._backend.emulate_cupy`).
+Custom kernels are ``numba.cuda`` kernels; they accept CuPy arrays on a GPU
+and NumPy arrays under the CUDA simulator. Imported only by the CuPy
+backends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .interop import array_module
+
+__all__ = ["xp_of", "to_xp", "threads_per_block", "simulated", "launch_rows"]
+
+
+def xp_of(x):
+    """``cupy`` for CuPy arrays, ``numpy`` otherwise (emulation)."""
+    return array_module(x)
+
+
+def to_xp(xp, a, dtype=None):
+    """Move a host-drawn NumPy array to ``xp``'s device (no-op under emulation)."""
+    if a is None:
+        return None
+    out = xp.asarray(a)
+    return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def simulated() -> bool:
+    """True when numba.cuda runs under the CUDA simulator."""
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+def threads_per_block(default: int = 128) -> int:
+    """Threads per block: ``default`` on a GPU, 8 under the (slow) simulator."""
+    return 8 if simulated() else default
+
+
+def launch_rows(kernel, num_rows: int, *args, threads: int | None = None):
+    """Launch ``kernel`` with one block per row and ``threads`` threads per block."""
+    if num_rows == 0:
+        return
+    threads = threads_per_block() if threads is None else threads
+    if not simulated():
+        kernel[num_rows, threads](*args)
+        return
+    # The simulator moves host arrays whole: give it contiguous, writable
+    # copies of views and read-only arrays, and write the copies back after.
+    staged = [
+        np.ascontiguousarray(a).copy()
+        if isinstance(a, np.ndarray) and not (a.flags.c_contiguous and a.flags.writeable) else a
+        for a in args
+    ]
+    kernel[num_rows, threads](*staged)
+    for a, b in zip(args, staged):
+        if a is not b and a.flags.writeable:
+            np.copyto(a, b)
+
+
+def host(a) -> np.ndarray:
+    """A NumPy copy of ``a`` (CuPy or NumPy)."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)

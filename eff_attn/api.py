@@ -1,0 +1,243 @@
+"""One API over every method and backend.
+
+:func:`attention` validates the inputs, resolves the method's parameters,
+picks a backend, draws the method's randomness on the host, runs the
+backend's ``forward`` and returns the output in the caller's framework.
+:func:`attention_vjp` does the same and also returns the pullback, built on
+the backend's ``backward``.
+
+A backend module has two functions with one signature on every backend::
+
+    forward(q, k, v, *, mask, offset, scale, **params) -> (out, res)
+    backward(dout, q, k, v, out, res, *, mask, offset, scale, **params) -> (dq, dk, dv)
+
+with ``q (G, Nq, D)``, ``k (G, Nk, D)``, ``v (G, Nk, Dv)``, ``mask (G, Nk)``
+or None, ``offset`` the causal offset or None, and ``res`` a dict of saved
+quantities (the logsumexp, codes, supports) that also feeds ``info``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _backend, interop, masks
+from ._validate import Problem, check_inputs
+from .registry import BACKENDS, Impl, Method, NotSupportedError, get_method, not_supported_reasons
+
+__all__ = ["attention", "attention_vjp", "backends", "prepare", "AUTO_NUMBA_MIN_PAIRS"]
+
+#: ``backend="auto"`` prefers Numba over NumPy for host arrays once the
+#: problem has at least this many (batch x query x key) pairs; below it the
+#: NumPy reference is faster than a first compilation.
+AUTO_NUMBA_MIN_PAIRS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated, dispatched call: everything a backend needs."""
+
+    method: Method
+    impl: Impl
+    problem: Problem
+    params: dict
+    kwargs: dict
+
+    def run_forward(self):
+        p = self.problem
+        return self.impl.load().forward(
+            p.q, p.k, p.v, mask=p.mask, offset=p.offset, scale=p.scale, **self.kwargs
+        )
+
+    def run_backward(self, dout, out, res):
+        p = self.problem
+        return self.impl.load().backward(
+            dout, p.q, p.k, p.v, out, res, mask=p.mask, offset=p.offset, scale=p.scale, **self.kwargs
+        )
+
+
+def backends() -> dict[str, dict]:
+    """Which backends can run here, and why not.
+
+    Returns
+    -------
+    dict
+        ``{"numpy": {"available": True, "reason": ...}, "numba": ..., "cupy": ...}``.
+        Nothing heavy is imported except CuPy, and only if it is installed.
+    """
+    return _backend.backend_report()
+
+
+def _resolve_params(method: Method, problem: Problem, params: dict) -> dict:
+    accepted = [
+        name for name, p in inspect.signature(method.resolve).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"method {method.name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"its parameters are: {', '.join(accepted) or '(none)'}"
+        )
+    return method.resolve(problem, **params)
+
+
+def _backend_order(backend: str, problem: Problem) -> list[str]:
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of 'auto', {', '.join(map(repr, BACKENDS))}")
+        return [backend]
+    if problem.device == "gpu":
+        return ["cupy"]
+    pairs = problem.G * problem.Nq * problem.Nk
+    return ["numba", "numpy"] if pairs >= AUTO_NUMBA_MIN_PAIRS else ["numpy", "numba"]
+
+
+def _select_impl(method: Method, backend: str, problem: Problem, params: dict, need_grad: bool) -> Impl:
+    order = _backend_order(backend, problem)
+    refused = []
+    for name in order:
+        impl = method.impl(name)
+        reasons = ["not implemented"] if impl is None else not_supported_reasons(impl, problem, params, need_grad=need_grad)
+        if not reasons:
+            return impl
+        refused.append(f"  {method.name}/{name}: " + "; ".join(reasons))
+    for impl in method.impls:  # show the user what else could have run
+        if impl.backend not in order:
+            reasons = not_supported_reasons(impl, problem, params, need_grad=need_grad)
+            refused.append(f"  {method.name}/{impl.backend}: " + ("; ".join(reasons) if reasons else "would run"))
+    asked = f"backend={backend!r}"
+    raise NotSupportedError(f"no implementation of {method.name!r} can run these inputs with {asked}:\n" + "\n".join(refused))
+
+
+def prepare(q, k, v, *, method="exact", backend="auto", mask=None, causal=False, scale=None,
+            rng=None, check_finite=True, need_grad=False, **params) -> Call:
+    """Validate, resolve, dispatch and draw, without running anything.
+
+    This is the first half of :func:`attention`; the benchmark runner uses it
+    to time the backend call alone.
+    """
+    problem = check_inputs(q, k, v, mask=mask, causal=causal, scale=scale, check_finite=check_finite)
+    m = get_method(method)
+    resolved = _resolve_params(m, problem, params)
+    impl = _select_impl(m, backend, problem, resolved, need_grad)
+    drawn = m.draw(rng, problem, resolved) if m.draw is not None else {}
+    return Call(method=m, impl=impl, problem=problem, params=resolved, kwargs={**resolved, **drawn})
+
+
+def _scalar_params(params: dict) -> dict:
+    return {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str, tuple))}
+
+
+def _info(call: Call, res: dict) -> dict:
+    p = call.problem
+    m = call.method
+    extra = m.info(p, call.params, res) if m.info is not None else {}
+    if "empty_rows" in res:
+        empty = res["empty_rows"]
+    else:
+        empty = masks.empty_rows(p.mask, p.offset, p.Nq, p.Nk, p.xp)
+        empty = p.xp.broadcast_to(empty, (p.G, p.Nq))
+    flops = res.get("flops")
+    if flops is None:
+        causal = masks.causal_argument(p.offset, p.Nq, p.Nk)
+        flops = m.flops(p.Nq, p.Nk, p.D, p.Dv, batch=p.G, causal=causal, **_scalar_params(call.params))
+    return {
+        "method": m.name,
+        "backend": call.impl.backend,
+        "params": _scalar_params(call.params),
+        "flops": int(flops),
+        "empty_rows": p.unflatten(empty),
+        **extra,
+    }
+
+
+def attention(q, k, v, *, method="exact", backend="auto", mask=None, causal=False, scale=None,
+              rng=None, return_info=False, check_finite=True, **params):
+    """Attention of queries ``q`` over keys ``k`` and values ``v``, by any method.
+
+    Parameters
+    ----------
+    q : array of shape (..., Nq, D)
+        NumPy, CuPy, torch or JAX; the leading axes broadcast against k and v.
+    k : array of shape (..., Nk, D)
+    v : array of shape (..., Nk, Dv)
+    method : str, default="exact"
+        A registered method name (see :func:`eff_attn.registry.method_names`).
+    backend : {"auto", "numpy", "numba", "cupy"}, default="auto"
+        ``"auto"`` uses CuPy for GPU arrays, and Numba for host arrays when it
+        is installed and the problem is large enough to repay compilation.
+        An explicit backend that cannot run raises :class:`NotSupportedError`.
+    mask : bool array of shape (..., Nk), optional
+        Key keep-mask: True means the key may be attended.
+    causal : bool, "bottom_right" or "top_left", default=False
+        ``True`` is bottom-right aligned (queries are the last Nq positions).
+    scale : float, optional
+        Score scale, default ``1/sqrt(D)``.
+    rng : None, int or numpy.random.Generator
+        Randomness of randomised methods, drawn on the host. ``None`` draws
+        afresh on every call; deterministic methods ignore it.
+    return_info : bool, default=False
+        Also return a dict of diagnostics (``method``, ``backend``,
+        ``params``, ``flops``, ``empty_rows`` and the method's own keys).
+    check_finite : bool, default=True
+        Raise on NaN/inf in q and in the kept rows of k and v.
+    **params
+        The method's own parameters (its docs page lists them).
+
+    Returns
+    -------
+    out : array of shape (..., Nq, Dv)
+        In the caller's framework, on the caller's device, in the input dtype.
+        Rows that see no key are 0.
+    info : dict
+        Only with ``return_info=True``.
+    """
+    call = prepare(q, k, v, method=method, backend=backend, mask=mask, causal=causal, scale=scale,
+                   rng=rng, check_finite=check_finite, **params)
+    out, res = call.run_forward()
+    result = interop.from_kernel_array(call.problem.unflatten(out), call.problem.framework)
+    return (result, _info(call, res)) if return_info else result
+
+
+def attention_vjp(q, k, v, *, method="exact", backend="auto", mask=None, causal=False, scale=None,
+                  rng=None, return_info=False, check_finite=True, **params):
+    """Forward pass plus its pullback (vector-Jacobian product).
+
+    Takes the arguments of :func:`attention`, and picks only backends that
+    have a backward pass.
+
+    Returns
+    -------
+    out : array of shape (..., Nq, Dv)
+    vjp : callable
+        ``vjp(dout) -> (dq, dk, dv)`` with ``dout`` of the shape of ``out``;
+        the gradients have the shapes of q, k and v as given (summed over
+        broadcast axes). Randomised methods replay the forward's draws.
+    info : dict
+        Only with ``return_info=True``.
+    """
+    call = prepare(q, k, v, method=method, backend=backend, mask=mask, causal=causal, scale=scale,
+                   rng=rng, check_finite=check_finite, need_grad=True, **params)
+    out, res = call.run_forward()
+    p = call.problem
+    out_shape = (*p.batch_shape, p.Nq, p.Dv)
+
+    def vjp(dout):
+        d, framework, _ = interop.to_kernel_array(dout, "dout")
+        if tuple(d.shape) != out_shape:
+            raise ValueError(f"dout must have the output's shape {out_shape}, got {tuple(d.shape)}")
+        if framework != p.framework:
+            raise TypeError(f"dout is a {framework} array but the inputs were {p.framework}")
+        d = p.xp.ascontiguousarray(d.reshape(p.G, p.Nq, p.Dv).astype(p.q.dtype, copy=False))
+        grads = call.run_backward(d, out, res)
+        return tuple(
+            interop.from_kernel_array(p.reduce_grad(g, name), p.framework)
+            for g, name in zip(grads, ("q", "k", "v"))
+        )
+
+    result = interop.from_kernel_array(p.unflatten(out), p.framework)
+    return (result, vjp, _info(call, res)) if return_info else (result, vjp)
+

@@ -1,0 +1,1 @@
+"""Benchmarks: input regimes, the runner behind ``eff-attn compare``, reports and plots."""

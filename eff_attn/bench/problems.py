@@ -1,0 +1,141 @@
+"""Input regimes for benchmarks and tests.
+
+Approximate attention looks good or bad depending on the inputs:
+
+- ``gaussian``: i.i.d. N(0, 1) q, k, v. Scores ``q.k / sqrt(D)`` are about
+  N(0, 1), so attention is close to uniform; every method looks good. Flattering.
+- ``clustered``: keys and queries drawn around a few shared centres, so each
+  query attends mostly to its own cluster (what LSH and routing exploit).
+- ``peaked``: large-logit heads, each query aligned with a few keys, so rows
+  are nearly one-hot; the hard case for kernel and low-rank methods.
+- ``real``: q, k, v of real attention heads of a small pretrained
+  transformer (all-MiniLM-L6-v2) on public-domain text, shipped with the
+  package (see :func:`real_heads` and ``scripts/extract_real_heads.py``).
+
+Every generator is seeded and returns float64 arrays of shape
+(heads, N, D); cast them for float32 runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+__all__ = ["AttentionProblem", "gaussian", "clustered", "peaked", "real_heads", "make_problem", "REGIMES"]
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """One benchmark input: q, k, v of shape (heads, N, D), float64."""
+
+    name: str
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    description: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple:
+        return self.q.shape
+
+    def astype(self, dtype) -> tuple:
+        return tuple(np.ascontiguousarray(a, dtype=dtype) for a in (self.q, self.k, self.v))
+
+
+def gaussian(n: int, d: int = 64, heads: int = 8, seed: int = 0) -> AttentionProblem:
+    """IID standard normal q, k and v: near-uniform attention rows."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((heads, n, d)) for _ in range(3))
+    return AttentionProblem("gaussian", q, k, v, "iid N(0,1) q, k, v")
+
+
+def clustered(n: int, d: int = 64, heads: int = 8, clusters: int = 16, spread: float = 0.3,
+              strength: float = 3.0, seed: int = 0) -> AttentionProblem:
+    """Queries and keys scattered around ``clusters`` shared unit centres.
+
+    ``x = strength * sqrt(d)^(1/2) * (c + spread * noise)`` places a token near its
+    centre; a query's largest scores are with keys of its own cluster.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((heads, clusters, d))
+    centres /= np.linalg.norm(centres, axis=-1, keepdims=True)
+    amp = strength * d ** 0.25
+
+    def tokens():
+        labels = rng.integers(0, clusters, size=(heads, n))
+        noise = rng.standard_normal((heads, n, d)) / np.sqrt(d)
+        return amp * (np.take_along_axis(centres, labels[..., None], axis=1) + spread * noise)
+
+    q, k = tokens(), tokens()
+    v = rng.standard_normal((heads, n, d))
+    return AttentionProblem("clustered", q, k, v, f"{clusters} clusters, spread {spread}", {"clusters": clusters})
+
+
+def peaked(n: int, d: int = 64, heads: int = 8, sharpness: float = 4.0, seed: int = 0) -> AttentionProblem:
+    """Large-logit heads: each query is a noisy copy of one key, scaled up.
+
+    Scores reach ``sharpness**2 * sqrt(d)`` on the matching key, so each row is
+    close to one-hot.
+    """
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((heads, n, d))
+    match = rng.integers(0, n, size=(heads, n))
+    q = np.take_along_axis(k, match[..., None], axis=1) + 0.5 * rng.standard_normal((heads, n, d))
+    q *= sharpness / np.sqrt(np.sqrt(d))
+    k *= sharpness / np.sqrt(np.sqrt(d))
+    v = rng.standard_normal((heads, n, d))
+    return AttentionProblem("peaked", q, k, v, f"near one-hot rows, sharpness {sharpness}")
+
+
+REAL_HEADS_FILE = "real_heads.npz"
+
+
+def real_heads(n: int = 128, max_heads: int | None = None, text: int | None = None) -> AttentionProblem:
+    """q, k, v of real attention heads of all-MiniLM-L6-v2, shipped with the package.
+
+    Parameters
+    ----------
+    n : int
+        Sequence length; one of the lengths in the shipped file (see
+        ``docs/benchmarks.md``).
+    max_heads : int, optional
+        Keep the first ``max_heads`` (layer, head) pairs.
+    text : int, optional
+        Index of the source text; all texts by default.
+
+    Returns
+    -------
+    AttentionProblem with arrays of shape (heads, n, 32), float64.
+    """
+    path = resources.files("eff_attn.bench").joinpath("data", REAL_HEADS_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{REAL_HEADS_FILE} is not installed with the package; regenerate it with scripts/extract_real_heads.py"
+        )
+    with path.open("rb") as fh, np.load(fh) as data:
+        lengths = [int(x) for x in data["lengths"]]
+        if n not in lengths:
+            raise ValueError(f"real heads come at lengths {lengths}, not n={n}")
+        q, k, v = (data[f"{name}_{n}"].astype(np.float64) for name in "qkv")   # (texts, layers*heads, n, Dh)
+        meta = {"model": str(data["model"]), "layers_heads": data["layers_heads"].tolist()}
+    if text is not None:
+        q, k, v = q[text : text + 1], k[text : text + 1], v[text : text + 1]
+    q, k, v = (a.reshape(-1, *a.shape[-2:]) for a in (q, k, v))
+    if max_heads is not None:
+        q, k, v = q[:max_heads], k[:max_heads], v[:max_heads]
+    return AttentionProblem("real", q, k, v, f"{meta['model']} heads", meta)
+
+
+REGIMES = {"gaussian": gaussian, "clustered": clustered, "peaked": peaked, "real": real_heads}
+
+
+def make_problem(name: str, n: int, d: int = 64, heads: int = 8, seed: int = 0) -> AttentionProblem:
+    """Build a regime by name: gaussian, clustered, peaked or real."""
+    if name not in REGIMES:
+        raise ValueError(f"problem={name!r} is not one of {', '.join(REGIMES)}")
+    if name == "real":
+        return real_heads(n=n, max_heads=heads)
+    return REGIMES[name](n, d=d, heads=heads, seed=seed)

@@ -1,0 +1,116 @@
+"""Error measures between an approximate and an exact attention output.
+
+Every measure is computed per (batch, head) slice: arrays of shape
+(..., Nq, Dv) give results of shape (...). Reduce them as you need (the
+benchmarks report the median and the 90th percentile over heads and seeds).
+Inputs are promoted to float64 before any arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "rel_frobenius",
+    "rel_spectral",
+    "max_abs_error",
+    "relative_max_abs",
+    "uniform_output",
+    "err_over_uniform",
+    "support_recall",
+    "row_entropy",
+]
+
+_TINY = np.finfo(np.float64).tiny
+
+
+def _host64(x) -> np.ndarray:
+    if hasattr(x, "get"):  # CuPy array
+        x = x.get()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _ratio(num, den):
+    """``num / den`` with 0/0 = 0 and x/0 = inf."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
+
+
+def rel_frobenius(approx, exact):
+    """``||approx - exact||_F / ||exact||_F`` per slice, shape (...)."""
+    a, e = _host64(approx), _host64(exact)
+    return _ratio(np.linalg.norm(a - e, axis=(-2, -1)), np.linalg.norm(e, axis=(-2, -1)))
+
+
+def rel_spectral(approx, exact):
+    """``||approx - exact||_2 / ||exact||_2`` per slice (largest singular values)."""
+    a, e = _host64(approx), _host64(exact)
+    return _ratio(np.linalg.norm(a - e, ord=2, axis=(-2, -1)), np.linalg.norm(e, ord=2, axis=(-2, -1)))
+
+
+def max_abs_error(approx, exact):
+    """``max |approx - exact|`` per slice, shape (...)."""
+    a, e = _host64(approx), _host64(exact)
+    return np.abs(a - e).max(axis=(-2, -1), initial=0.0)
+
+
+def relative_max_abs(approx, exact) -> float:
+    """Max-abs difference over the max-abs entry of ``exact``, one number.
+
+    This is the tolerance measure of the backend-agreement tests.
+    """
+    a, e = _host64(approx), _host64(exact)
+    scale = np.abs(e).max(initial=0.0)
+    diff = np.abs(a - e).max(initial=0.0)
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def uniform_output(v, mask=None, offset=None, Nq=None):
+    """The know-nothing estimate: the mean of the visible values of each query.
+
+    Parameters
+    ----------
+    v : array of shape (..., Nk, Dv)
+    mask : bool array of shape (..., Nk), optional
+    offset : int, optional
+        Causal offset (see :mod:`eff_attn.masks`); requires ``Nq``.
+    Nq : int, optional
+        Number of queries; defaults to 1 row when non-causal.
+
+    Returns
+    -------
+    ndarray of shape (..., Nq, Dv), float64; rows with no visible key are 0.
+    """
+    from .masks import visible_pairs
+
+    v = _host64(v)
+    Nk = v.shape[-2]
+    Nq = 1 if Nq is None else Nq
+    visible = visible_pairs(None if mask is None else _host64(mask) > 0, offset, Nq, Nk)  # (..., Nq, Nk)
+    weights = visible.astype(np.float64)                                                   # (..., Nq, Nk)
+    counts = weights.sum(-1, keepdims=True)                                                # (..., Nq, 1)
+    return (weights @ v) / np.where(counts > 0, counts, 1.0)                               # (..., Nq, Dv)
+
+
+def err_over_uniform(approx, exact, uniform, measure=rel_frobenius):
+    """``err(approx) / err(uniform)`` per slice: below 1 beats knowing nothing."""
+    return _ratio(measure(approx, exact), measure(np.broadcast_to(_host64(uniform), np.shape(exact)), exact))
+
+
+def support_recall(predicted, true):
+    """Share of the true support that the predicted support covers, per slice.
+
+    Parameters
+    ----------
+    predicted, true : bool arrays of shape (..., Nq, Nk)
+    """
+    predicted, true = np.asarray(predicted, bool), np.asarray(true, bool)
+    hits = (predicted & true).sum(axis=(-2, -1))
+    return _ratio(hits.astype(np.float64), true.sum(axis=(-2, -1)).astype(np.float64))
+
+
+def row_entropy(p):
+    """Shannon entropy ``-sum_j p_ij log p_ij`` of each attention row, shape (..., Nq)."""
+    p = _host64(p)
+    logp = np.log(np.where(p > 0, p, 1.0))
+    return -(p * logp).sum(-1)

@@ -1,0 +1,193 @@
+"""Methods, their backend implementations and what each can do.
+
+A *method* (``exact``, ``yoso``, ...) is described once by a :class:`Method`
+record in its folder's ``__init__.py``: how to resolve its parameters, how to
+draw its randomness on the host, its analytic FLOP count, and one :class:`Impl`
+per backend. The registry maps method names to those records and imports
+them lazily, so ``import eff_attn`` never imports Numba or CuPy.
+
+Adding a method means adding its folder and one line to :data:`METHOD_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import _backend
+
+__all__ = [
+    "Impl",
+    "Method",
+    "NotSupportedError",
+    "METHOD_MODULES",
+    "method_names",
+    "get_method",
+    "not_supported_reasons",
+]
+
+
+class NotSupportedError(ValueError):
+    """A valid option that a method or backend cannot honour.
+
+    Raised, for example, for ``causal=True`` with a method that has no causal
+    form, or for ``backend="cupy"`` on a machine without a GPU. The message
+    lists every candidate implementation and why it was refused.
+    """
+
+
+#: Method name -> ``"module:attribute"`` of its :class:`Method` record.
+#: One line per method; a folder may hold several methods (treeformer).
+METHOD_MODULES: dict[str, str] = {
+    "exact": "eff_attn.methods.exact:METHOD",
+    "uniform": "eff_attn.methods.uniform:METHOD",
+    "topk_oracle": "eff_attn.methods.topk_oracle:METHOD",
+}
+
+#: Backends, in the order ``backend="auto"`` prefers them for host arrays.
+BACKENDS = ("numpy", "numba", "cupy")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One method on one backend, with its declared capabilities.
+
+    Parameters
+    ----------
+    backend : {"numpy", "numba", "cupy"}
+    module : str
+        Dotted module path holding ``forward`` (and ``backward`` when
+        ``differentiable``); imported only when the implementation runs.
+    dtypes : tuple of str, default=("float32", "float64")
+    supports_mask, supports_causal, differentiable : bool
+    deterministic_given_rng : bool, default=True
+        Same inputs and seed give the same output on every call.
+    check : callable, optional
+        ``check(problem, params) -> list[str]`` with extra reasons this
+        implementation cannot run these inputs (e.g. an algorithm it lacks).
+    """
+
+    backend: str
+    module: str
+    dtypes: tuple[str, ...] = ("float32", "float64")
+    supports_mask: bool = True
+    supports_causal: bool = True
+    differentiable: bool = True
+    deterministic_given_rng: bool = True
+    check: Callable[[Any, dict], list[str]] | None = None
+
+    @property
+    def device(self) -> str:
+        """``"gpu"`` for CuPy, ``"cpu"`` otherwise."""
+        return "gpu" if self.backend == "cupy" else "cpu"
+
+    def load(self):
+        """Import and return the backend module."""
+        return importlib.import_module(self.module)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything the dispatcher needs to know about one attention method.
+
+    Parameters
+    ----------
+    name : str
+    summary : str
+        One line, shown by ``eff-attn compare`` and the docs.
+    resolve : callable
+        ``resolve(problem, **params) -> dict``: checks the user's parameters
+        (``ValueError`` for a bad value) and fills in the defaults. Backends
+        receive exactly this dict, so defaults are resolved in one place.
+    flops : callable
+        ``flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False,
+        **params) -> int``, the analytic count of the method's docs page.
+    impls : tuple of Impl
+    draw : callable, optional
+        ``draw(rng, problem, params) -> dict`` of host-side NumPy arrays
+        (hyperplanes, features, samples), passed on to the backend as
+        keyword arguments. ``None`` for deterministic methods.
+    info : callable, optional
+        ``info(problem, params, res) -> dict`` of method diagnostics built
+        from the backend's residuals ``res``.
+    budgets : tuple of dict
+        The parameter sweep that ``eff-attn compare`` runs for this method,
+        cheapest first. Each dict is a set of keyword arguments.
+    budget_name : str
+        The parameter the sweep varies, for table headers and plots.
+    """
+
+    name: str
+    summary: str
+    resolve: Callable[..., dict]
+    flops: Callable[..., int]
+    impls: tuple[Impl, ...]
+    draw: Callable[..., dict] | None = None
+    info: Callable[..., dict] | None = None
+    budgets: tuple[dict, ...] = ({},)
+    budget_name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def randomized(self) -> bool:
+        return self.draw is not None
+
+    def impl(self, backend: str) -> Impl | None:
+        for impl in self.impls:
+            if impl.backend == backend:
+                return impl
+        return None
+
+
+def method_names() -> list[str]:
+    """Names of every registered method, in registry order."""
+    return list(METHOD_MODULES)
+
+
+_loaded: dict[str, Method] = {}
+
+
+def get_method(name: str) -> Method:
+    """Return the :class:`Method` record for ``name``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a registered method; the message lists them all.
+    """
+    if not isinstance(name, str) or name not in METHOD_MODULES:
+        known = ", ".join(METHOD_MODULES)
+        raise ValueError(f"method={name!r} is not a known method; choose one of: {known}")
+    if name not in _loaded:
+        module, attr = METHOD_MODULES[name].split(":")
+        _loaded[name] = getattr(importlib.import_module(module), attr)
+    return _loaded[name]
+
+
+def not_supported_reasons(impl: Impl, problem, params: dict, *, need_grad: bool = False) -> list[str]:
+    """Every reason ``impl`` cannot run ``problem`` with ``params``.
+
+    An empty list means the implementation can run. The checks are, in
+    order: the backend is installed and usable, the arrays live on its
+    device, the dtype, mask, causal and gradient capabilities, and the
+    implementation's own ``check``.
+    """
+    reasons = []
+    available, why = _backend.available(impl.backend)
+    if not available:
+        reasons.append(why)
+    if problem.device != impl.device and not _backend.emulating(impl.backend, problem):
+        here = "CuPy (GPU)" if problem.device == "gpu" else "host (NumPy)"
+        reasons.append(f"inputs are {here} arrays but this backend runs on the {impl.device}")
+    if problem.dtype_name not in impl.dtypes:
+        reasons.append(f"dtype {problem.dtype_name} is not supported (supports {', '.join(impl.dtypes)})")
+    if problem.mask is not None and not impl.supports_mask:
+        reasons.append("mask= is not supported")
+    if problem.causal and not impl.supports_causal:
+        reasons.append("causal=True is not supported")
+    if need_grad and not impl.differentiable:
+        reasons.append("has no backward pass")
+    if impl.check is not None:
+        reasons.extend(impl.check(problem, params))
+    return reasons

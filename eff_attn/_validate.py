@@ -158,7 +158,8 @@ def check_inputs(q, k, v, *, mask=None, causal=False, scale=None, check_finite=T
         Defaults to ``1 / sqrt(D)``.
     check_finite : bool, default=True
         Raise on NaN or inf in q, and in the kept (unmasked) rows of k and v.
-        With False, non-finite inputs propagate to the output.
+        With False, non-finite inputs propagate to the output. Masked rows of
+        k and v never matter: non-finite values there are replaced by 0.
 
     Raises
     ------
@@ -239,18 +240,24 @@ def check_inputs(q, k, v, *, mask=None, causal=False, scale=None, check_finite=T
     qf, kf, vf = flat(q, (Nq, D)), flat(k, (Nk, D)), flat(v, (Nk, Dv))
     maskf = None if mask_arr is None else flat(mask_arr, (Nk,))
 
-    if check_finite:
-        if not bool(xp.isfinite(qf).all()):
-            raise ValueError(f"q contains NaN or inf (first at q{_first_bad(q)}); pass check_finite=False to propagate")
+    if check_finite and not bool(xp.isfinite(qf).all()):
+        raise ValueError(f"q contains NaN or inf (first at q{_first_bad(q)}); pass check_finite=False to propagate")
+    if check_finite or maskf is not None:
+        kept = {}
         for name, a in (("k", kf), ("v", vf)):
             finite = xp.isfinite(a).all(axis=-1)                                  # (G, Nk)
-            if maskf is not None:
+            if maskf is not None and not bool((finite | maskf).all()):
+                # Padding rows may hold anything; zero them with a where (never a
+                # product, 0 * NaN = NaN) so that they cannot leak into any method.
+                a = xp.where(maskf[..., None], a, 0).astype(a.dtype, copy=False)
                 finite = finite | ~maskf
-            if not bool(finite.all()):
+            if check_finite and not bool(finite.all()):
                 raise ValueError(
                     f"{name} contains NaN or inf in a kept row (first at {name}{_first_bad(arrays[name])}); "
                     "mask it out or pass check_finite=False to propagate"
                 )
+            kept[name] = a
+        kf, vf = kept["k"], kept["v"]
 
     offset = causal_offset(causal, Nq, Nk)
     if scale is None:

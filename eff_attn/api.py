@@ -131,7 +131,8 @@ def _scalar_params(params: dict) -> dict:
     return {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str, tuple))}
 
 
-def _info(call: Call, res: dict) -> dict:
+def build_info(call: Call, res: dict) -> dict:
+    """The ``info`` dict of a call: the base keys plus the method's own."""
     p = call.problem
     m = call.method
     extra = m.info(p, call.params, res) if m.info is not None else {}
@@ -199,7 +200,7 @@ def attention(q, k, v, *, method="exact", backend="auto", mask=None, causal=Fals
                    rng=rng, check_finite=check_finite, **params)
     out, res = call.run_forward()
     result = interop.from_kernel_array(call.problem.unflatten(out), call.problem.framework)
-    return (result, _info(call, res)) if return_info else result
+    return (result, build_info(call, res)) if return_info else result
 
 
 def attention_vjp(q, k, v, *, method="exact", backend="auto", mask=None, causal=False, scale=None,
@@ -239,5 +240,5 @@ def attention_vjp(q, k, v, *, method="exact", backend="auto", mask=None, causal=
         )
 
     result = interop.from_kernel_array(p.unflatten(out), p.framework)
-    return (result, vjp, _info(call, res)) if return_info else (result, vjp)
+    return (result, vjp, build_info(call, res)) if return_info else (result, vjp)
 

@@ -74,11 +74,13 @@ def clustered(n: int, d: int = 64, heads: int = 8, clusters: int = 16, spread: f
     return AttentionProblem("clustered", q, k, v, f"{clusters} clusters, spread {spread}", {"clusters": clusters})
 
 
-def peaked(n: int, d: int = 64, heads: int = 8, sharpness: float = 4.0, seed: int = 0) -> AttentionProblem:
+def peaked(n: int, d: int = 64, heads: int = 8, sharpness: float = 3.0, seed: int = 0) -> AttentionProblem:
     """Large-logit heads: each query is a noisy copy of one key, scaled up.
 
-    Scores reach ``sharpness**2 * sqrt(d)`` on the matching key, so each row is
-    close to one-hot.
+    The scaled score with the matching key is about ``sharpness**2`` (9 by
+    default) and the others spread around 0 (standard deviation 1.3 at D = 64);
+    at N = 512, D = 64 the matching key carries a median 88 % of a row's
+    softmax mass (75 % at D = 32, 92 % at D = 128).
     """
     rng = np.random.default_rng(seed)
     k = rng.standard_normal((heads, n, d))

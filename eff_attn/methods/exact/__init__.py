@@ -105,6 +105,8 @@ METHOD = Method(
         Impl("numba", "eff_attn.methods.exact.numba", check=_blocked_only),
         Impl("cupy", "eff_attn.methods.exact.cupy", check=_blocked_only),
     ),
+    budgets=({"algorithm": "naive"}, {"algorithm": "blocked"}),
+    budget_name="algorithm",
 )
 
 

@@ -1,0 +1,148 @@
+"""Timing and memory measurement for one backend call.
+
+- **Warm time**: the call is run once (compilation, caches, CuPy module
+  loads), then ``repeats`` more times; the median and the interquartile
+  range of those are reported. The first run minus the warm median is the
+  compile (first-call) overhead.
+- **GPU timing** uses CUDA events around each call.
+- **Peak memory** on the CPU is the growth of the process's resident set:
+  Linux lets a process reset its high-water mark (``/proc/self/clear_refs``),
+  so ``VmHWM - VmRSS(before)`` is the peak of memory touched during the call,
+  Numba and BLAS allocations included (tracemalloc sees only Python's). So
+  that freed memory is returned rather than recycled unseen, glibc's heap is
+  trimmed first and its mmap threshold pinned at 128 KiB (blocks larger than
+  that are mapped and unmapped, never cached). Where that is unavailable,
+  tracemalloc's peak is used. On the GPU it is the growth
+  of the CuPy memory pool over the call (the pool keeps every block it
+  handed out, so its size after the call is its high-water mark).
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Timing", "time_call", "peak_memory"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    first_s: float
+    warm_median_s: float
+    warm_q25_s: float
+    warm_q75_s: float
+    repeats: int
+
+    @property
+    def compile_s(self) -> float:
+        """First-call overhead: first run minus the warm median (>= 0)."""
+        return max(0.0, self.first_s - self.warm_median_s)
+
+
+def _sync(device: str):
+    if device == "gpu":
+        import cupy
+
+        cupy.cuda.runtime.deviceSynchronize()
+
+
+def _timed(fn, device: str) -> float:
+    if device == "gpu":
+        import cupy
+
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return cupy.cuda.get_elapsed_time(start, stop) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_call(fn, *, device: str = "cpu", repeats: int = 5, min_time_s: float = 0.0) -> Timing:
+    """Time ``fn()``: one first call, then at least ``repeats`` warm calls.
+
+    Warm calls continue until ``min_time_s`` of them have accumulated.
+    """
+    _sync(device)
+    first = _timed(fn, device)
+    warm = []
+    while len(warm) < repeats or sum(warm) < min_time_s:
+        warm.append(_timed(fn, device))
+        if len(warm) >= 1000:
+            break
+    q25, median, q75 = np.percentile(warm, [25, 50, 75])
+    return Timing(first, float(median), float(q25), float(q75), len(warm))
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+_GLIBC = {"ready": False, "lib": None}
+
+
+def _glibc():
+    """glibc with a fixed mmap threshold, or None on other C libraries."""
+    if not _GLIBC["ready"]:
+        _GLIBC["ready"] = True
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libc.so.6")
+            M_MMAP_THRESHOLD = -3
+            lib.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+            _GLIBC["lib"] = lib
+        except (OSError, AttributeError):
+            _GLIBC["lib"] = None
+    return _GLIBC["lib"]
+
+
+def peak_memory(fn, *, device: str = "cpu") -> int:
+    """Peak bytes allocated while ``fn()`` runs (see the module docstring)."""
+    if device == "gpu":
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+        _sync(device)
+        pool.free_all_blocks()
+        before = pool.total_bytes()
+        fn()
+        _sync(device)
+        return int(pool.total_bytes() - before)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    rss_before = _status_kib("VmRSS")
+    if rss_before is not None and _reset_high_water_mark():
+        fn()
+        hwm = _status_kib("VmHWM")
+        if hwm is not None:
+            return max(0, (hwm - rss_before) * 1024)
+    tracemalloc.start()
+    try:
+        fn()
+        return int(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()

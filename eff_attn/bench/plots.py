@@ -1,0 +1,100 @@
+"""Plots of a comparison (matplotlib, written as PNG).
+
+- ``error_vs_budget.png``: relative error against analytic FLOPs, one line
+  per method and backend through its budget sweep, at the largest N.
+- ``time_vs_n.png``: warm time against N on log-log axes, one line per
+  method (its middle budget) and backend.
+- ``pareto.png``: relative error against warm time at the largest N; the
+  lower-left frontier is the set of methods worth using there.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["write_plots"]
+
+
+def _series(rows, key):
+    groups = defaultdict(list)
+    for r in rows:
+        groups[key(r)].append(r)
+    return groups
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _middle_budget(rows):
+    """For each (method, backend), the budget in the middle of its sweep."""
+    chosen = {}
+    for (method, backend), items in _series(rows, lambda r: (r["method"], r["backend"])).items():
+        budgets = sorted({str(r["budget"]) for r in items}, key=lambda b: (len(b), b))
+        chosen[(method, backend)] = budgets[len(budgets) // 2]
+    return chosen
+
+
+def write_plots(result: dict, out_dir: Path) -> list[Path]:
+    """Write the three PNGs into ``out_dir`` and return their paths."""
+    plt = _figure()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in result["rows"] if r.get("rel_fro_median") is not None]
+    if not rows:
+        return []
+    n_max = max(r["n"] for r in rows)
+    at_max = [r for r in rows if r["n"] == n_max]
+    title = f"{rows[0]['problem']}, N={n_max}, {rows[0]['heads']} heads, D={rows[0]['d']}, {rows[0]['dtype']}"
+    floor = 1e-8
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (method, backend), items in sorted(_series(at_max, lambda r: (r["method"], r["backend"])).items()):
+        items = sorted((r for r in items if r["flops"]), key=lambda r: r["flops"])
+        if items:
+            ax.plot([r["flops"] for r in items], [max(r["rel_fro_median"], floor) for r in items], marker="o",
+                    label=f"{method} [{backend}]")
+    ax.set(xscale="log", yscale="log", xlabel="analytic FLOPs", ylabel="relative Frobenius error (median)",
+           title=f"Error vs budget — {title}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(out_dir / "error_vs_budget.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    middle = _middle_budget(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (method, backend), items in sorted(_series(rows, lambda r: (r["method"], r["backend"])).items()):
+        items = sorted((r for r in items if str(r["budget"]) == middle[(method, backend)]), key=lambda r: r["n"])
+        if len(items) >= 1:
+            ax.plot([r["n"] for r in items], [r["warm_ms"] for r in items], marker="o", label=f"{method} [{backend}]")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="warm time (ms, median)",
+           title="Time vs N")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(out_dir / "time_vs_n.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (method, backend), items in sorted(_series(at_max, lambda r: (r["method"], r["backend"])).items()):
+        ax.scatter([r["warm_ms"] for r in items], [max(r["rel_fro_median"], floor) for r in items],
+                   label=f"{method} [{backend}]", s=22)
+    ax.set(xscale="log", yscale="log", xlabel="warm time (ms, median)", ylabel="relative Frobenius error (median)",
+           title=f"Error vs time — {title}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(out_dir / "pareto.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,133 @@
+"""Tables, JSON and derived quantities of a comparison.
+
+- :func:`scaling_exponents`: the slope of log(time) against log(N) per
+  (method, budget, backend), fitted over the sweep's lengths.
+- :func:`crossovers`: the smallest swept N at which a method is faster than
+  ``exact`` on the same backend (None if never within the sweep).
+- :func:`print_table`: a rich table on the terminal.
+- :func:`write_json`: the results, with device, versions and command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["scaling_exponents", "crossovers", "print_table", "write_json", "summarise"]
+
+
+def _key(row) -> tuple:
+    return (row["method"], str(row["budget"]), row["backend"])
+
+
+def scaling_exponents(rows) -> dict:
+    """``{(method, budget, backend): slope}`` of log time vs log N (needs >= 2 lengths)."""
+    series = defaultdict(list)
+    for row in rows:
+        series[_key(row)].append((row["n"], row["warm_ms"]))
+    slopes = {}
+    for key, points in series.items():
+        points = sorted(set(points))
+        if len({n for n, _ in points}) >= 2:
+            n, t = np.log([p[0] for p in points]), np.log([max(p[1], 1e-9) for p in points])
+            slopes[key] = float(np.polyfit(n, t, 1)[0])
+    return slopes
+
+
+def crossovers(rows) -> dict:
+    """``{(method, budget, backend): N}``: the first swept N where it beats exact on its backend."""
+    exact = {}
+    for r in rows:  # the fastest exact algorithm on each backend and length
+        if r["method"] == "exact":
+            key = (r["backend"], r["n"])
+            exact[key] = min(exact.get(key, math.inf), r["warm_ms"])
+    by_key = defaultdict(list)
+    for row in rows:
+        if row["method"] != "exact":
+            by_key[_key(row)].append(row)
+    result = {}
+    for key, items in by_key.items():
+        result[key] = None
+        for row in sorted(items, key=lambda r: r["n"]):
+            ref = exact.get((row["backend"], row["n"]))
+            if ref is not None and row["warm_ms"] < ref:
+                result[key] = row["n"]
+                break
+    return result
+
+
+def summarise(result: dict) -> dict:
+    """Derived quantities added to the JSON: exponents and crossovers."""
+    rows = result["rows"]
+    return {
+        "scaling_exponent": {" | ".join(k): v for k, v in scaling_exponents(rows).items()},
+        "crossover_n_vs_exact": {" | ".join(k): v for k, v in crossovers(rows).items()},
+    }
+
+
+def _fmt(x, spec=".3g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def print_table(result: dict, console=None):
+    """Print one rich table per sequence length."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    rows = result["rows"]
+    for n in sorted({r["n"] for r in rows}):
+        table = Table(title=f"N = {n}  ({rows[0]['problem']}, {rows[0]['heads']} heads, D = {rows[0]['d']}, "
+                            f"{rows[0]['dtype']}{', causal' if rows[0]['causal'] else ''})")
+        for col, justify in [("method", "left"), ("budget", "right"), ("backend", "left"), ("rel. error", "right"),
+                             ("spectral", "right"), ("err/unif", "right"), ("warm ms", "right"),
+                             ("compile s", "right"), ("peak MB", "right"), ("GFLOP", "right")]:
+            table.add_column(col, justify=justify, no_wrap=True)
+        for r in (r for r in rows if r["n"] == n):
+            budget = f"{r['budget_name']}={r['budget']}" if r["budget_name"] else ""
+            table.add_row(
+                r["method"], budget, r["backend"], _fmt(r["rel_fro_median"], ".2e"), _fmt(r["rel_spectral_median"], ".2e"),
+                _fmt(r["err_ratio_median"], ".3f"),
+                f"{_fmt(r['warm_ms'], '.2f')} ±{_fmt((r['warm_ms_q75'] - r['warm_ms_q25']) / 2, '.2f')}",
+                _fmt(r["compile_s"], ".2f"), _fmt(r["peak_mb"], ".1f"),
+                _fmt(r["flops"] / 1e9 if r["flops"] else None, ".3g"),
+            )
+        console.print(table)
+    from rich.markup import escape
+
+    for item in result.get("skipped", []):
+        reasons = [line.strip() for line in item["reason"].splitlines()[1:] if line.strip()] or [item["reason"]]
+        console.print(f"[yellow]skipped[/] N={item['n']} {item['method']} {escape(str(item['budget']))} "
+                      f"{escape('[' + item['backend'] + ']')}: {escape(reasons[0])}")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    return x
+
+
+def write_json(result: dict, path: Path, command: str | None = None) -> Path:
+    """Write the results, the derived quantities and the command to ``path``."""
+    payload = dict(result)
+    payload["derived"] = summarise(result)
+    if command is not None:
+        payload["meta"] = {**payload["meta"], "command": command}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
+    return path

@@ -24,6 +24,7 @@ __all__ = [
     "METHOD_MODULES",
     "method_names",
     "get_method",
+    "register",
     "not_supported_reasons",
 ]
 
@@ -56,9 +57,10 @@ class Impl:
     Parameters
     ----------
     backend : {"numpy", "numba", "cupy"}
-    module : str
+    module : str or module-like object
         Dotted module path holding ``forward`` (and ``backward`` when
-        ``differentiable``); imported only when the implementation runs.
+        ``differentiable``), imported only when the implementation runs; or
+        any object with those attributes (for methods defined at run time).
     dtypes : tuple of str, default=("float32", "float64")
     supports_mask, supports_causal, differentiable : bool
     deterministic_given_rng : bool, default=True
@@ -69,7 +71,7 @@ class Impl:
     """
 
     backend: str
-    module: str
+    module: object
     dtypes: tuple[str, ...] = ("float32", "float64")
     supports_mask: bool = True
     supports_causal: bool = True
@@ -84,7 +86,9 @@ class Impl:
 
     def load(self):
         """Import and return the backend module."""
-        return importlib.import_module(self.module)
+        if isinstance(self.module, str):
+            return importlib.import_module(self.module)
+        return self.module
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,15 @@ class Method:
         return None
 
 
-def method_names() -> list[str]:
-    """Names of every registered method, in registry order."""
-    return list(METHOD_MODULES)
+_RUNTIME = "<registered at run time>"
+
+
+def method_names(builtin_only: bool = False) -> list[str]:
+    """Names of every registered method, in registry order.
+
+    ``builtin_only=True`` leaves out methods added with :func:`register`.
+    """
+    return [n for n, where in METHOD_MODULES.items() if not (builtin_only and where.startswith(_RUNTIME))]
 
 
 _loaded: dict[str, Method] = {}
@@ -163,6 +173,21 @@ def get_method(name: str) -> Method:
         module, attr = METHOD_MODULES[name].split(":")
         _loaded[name] = getattr(importlib.import_module(module), attr)
     return _loaded[name]
+
+
+def register(method: Method, *, replace: bool = False) -> Method:
+    """Register a method defined outside the package (see the "adding a method" tutorial).
+
+    Raises
+    ------
+    ValueError
+        If the name is taken and ``replace`` is False.
+    """
+    if method.name in METHOD_MODULES and not replace:
+        raise ValueError(f"method {method.name!r} is already registered; pass replace=True to override it")
+    METHOD_MODULES[method.name] = f"{_RUNTIME}:{method.name}"
+    _loaded[method.name] = method
+    return method
 
 
 def not_supported_reasons(impl: Impl, problem, params: dict, *, need_grad: bool = False) -> list[str]:

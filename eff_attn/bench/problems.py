@@ -101,8 +101,10 @@ def real_heads(n: int = 128, max_heads: int | None = None, text: int | None = No
     Parameters
     ----------
     n : int
-        Sequence length; one of the lengths in the shipped file (see
-        ``docs/benchmarks.md``).
+        Sequence length. The file holds full forward passes at a few lengths
+        (128, 256 and 512; see ``docs/benchmarks.md``); a smaller ``n`` is
+        the first ``n`` tokens of the shortest stored pass longer than it
+        (a crop: its last token is then a word piece, not ``[SEP]``).
     max_heads : int, optional
         Keep the first ``max_heads`` (layer, head) pairs.
     text : int, optional
@@ -118,11 +120,12 @@ def real_heads(n: int = 128, max_heads: int | None = None, text: int | None = No
             f"{REAL_HEADS_FILE} is not installed with the package; regenerate it with scripts/extract_real_heads.py"
         )
     with path.open("rb") as fh, np.load(fh) as data:
-        lengths = [int(x) for x in data["lengths"]]
-        if n not in lengths:
-            raise ValueError(f"real heads come at lengths {lengths}, not n={n}")
-        q, k, v = (data[f"{name}_{n}"].astype(np.float64) for name in "qkv")   # (texts, layers*heads, n, Dh)
-        meta = {"model": str(data["model"]), "layers_heads": data["layers_heads"].tolist()}
+        lengths = sorted(int(x) for x in data["lengths"])
+        if not 1 <= n <= lengths[-1]:
+            raise ValueError(f"real heads come at lengths {lengths} or crops of them, 1 <= n <= {lengths[-1]}; not n={n}")
+        source = min(length for length in lengths if length >= n)
+        q, k, v = (data[f"{name}_{source}"][:, :, :n].astype(np.float64) for name in "qkv")  # (texts, heads, n, Dh)
+        meta = {"model": str(data["model"]), "layers_heads": data["layers_heads"].tolist(), "source_length": source}
     if text is not None:
         q, k, v = q[text : text + 1], k[text : text + 1], v[text : text + 1]
     q, k, v = (a.reshape(-1, *a.shape[-2:]) for a in (q, k, v))
@@ -135,7 +138,11 @@ REGIMES = {"gaussian": gaussian, "clustered": clustered, "peaked": peaked, "real
 
 
 def make_problem(name: str, n: int, d: int = 64, heads: int = 8, seed: int = 0) -> AttentionProblem:
-    """Build a regime by name: gaussian, clustered, peaked or real."""
+    """Build a regime by name: gaussian, clustered, peaked or real.
+
+    ``real`` is ``real_heads(n, max_heads=heads)``: its heads have size 32
+    and no randomness, so ``d`` and ``seed`` do not apply to it.
+    """
     if name not in REGIMES:
         raise ValueError(f"problem={name!r} is not one of {', '.join(REGIMES)}")
     if name == "real":

@@ -468,7 +468,7 @@ def bucket_sizes(q_codes, k_codes, mask, tau, xp=np):
     if mask is not None:
         k_keys = xp.where(mask[..., None], k_keys, -1)                               # masked keys: no bucket
     k_keys = xp.sort(k_keys.ravel())                                                 # (G Nk m,)
-    k_keys = k_keys[int(xp.searchsorted(k_keys, 0)):]                                # kept keys only
+    k_keys = k_keys[int((k_keys < 0).sum()):]                                        # kept keys only
     q_buckets, I = xp.unique(q_keys, return_counts=True)                             # (B,), (B,)
     J = xp.searchsorted(k_keys, q_buckets, side="right") - xp.searchsorted(k_keys, q_buckets, side="left")
     k_buckets, k_counts = xp.unique(k_keys, return_counts=True)                      # non-empty key buckets

@@ -53,6 +53,10 @@ def blas_single_thread():
         yield
         return
     if _controller is None:
+        # Load the BLAS that Numba's np.dot calls (SciPy's) first: the controller
+        # only sees the libraries loaded when it is created.
+        import scipy.linalg.cython_blas  # noqa: F401
+
         _controller = ThreadpoolController()
     with _controller.limit(limits=1, user_api="blas"):
         yield

@@ -44,6 +44,7 @@ METHOD_MODULES: dict[str, str] = {
     "exact": "eff_attn.methods.exact:METHOD",
     "uniform": "eff_attn.methods.uniform:METHOD",
     "topk_oracle": "eff_attn.methods.topk_oracle:METHOD",
+    "yoso": "eff_attn.methods.yoso:METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

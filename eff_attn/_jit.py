@@ -53,6 +53,10 @@ def blas_single_thread():
         yield
         return
     if _controller is None:
+        # Load SciPy's BLAS first: it is the one Numba's np.dot calls, and the
+        # controller only sees the libraries loaded when it is created.
+        import scipy.linalg.cython_blas  # noqa: F401
+
         _controller = ThreadpoolController()
     with _controller.limit(limits=1, user_api="blas"):
         yield

@@ -18,6 +18,7 @@ from .methods.exact import exact_attention
 from .methods.uniform import uniform_attention
 from .methods.topk_oracle import topk_oracle_attention
 from .methods.yoso import yoso_attention
+from .methods.kdeformer import kdeformer_attention
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "uniform_attention",
     "topk_oracle_attention",
     "yoso_attention",
+    "kdeformer_attention",
 ]

@@ -8,6 +8,8 @@ Inputs are promoted to float64 before any arithmetic.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "err_over_uniform",
     "support_recall",
     "row_entropy",
+    "SpectralError",
+    "spectral_error",
 ]
 
 _TINY = np.finfo(np.float64).tiny
@@ -114,3 +118,68 @@ def row_entropy(p):
     p = _host64(p)
     logp = np.log(np.where(p > 0, p, 1.0))
     return -(p * logp).sum(-1)
+
+
+class SpectralError(NamedTuple):
+    """Result of :func:`spectral_error`: the mean over slices, and how many were skipped."""
+
+    mean: float
+    skipped: int
+
+
+def spectral_error(out, ref, *, normalise="output", q=None, k=None, v=None, mask=None, scale=None) -> SpectralError:
+    """Spectral-norm error of an attention output, averaged over slices.
+
+    Per (batch, head) slice, in float64, with ``||.||_2`` the largest
+    singular value:
+
+    - ``normalise="output"``: ``||out - ref||_2 / ||ref||_2``;
+    - ``normalise="paper"``: ``||out - ref||_2 / (||D^-1 A||_2 ||V||_2)``
+      over the kept keys, the normalisation of the KDEformer bound
+      (Zandieh et al. 2023), which needs ``q``, ``k`` and ``v``.
+
+    Slices whose denominator is 0 (e.g. ``ref = 0``) are skipped.
+
+    Parameters
+    ----------
+    out, ref : arrays of shape (..., Nq, Dv)
+        Approximate and exact outputs.
+    normalise : {"output", "paper"}, default="output"
+    q : array of shape (..., Nq, D), optional
+    k : array of shape (..., Nk, D), optional
+    v : array of shape (..., Nk, Dv), optional
+    mask : bool array of shape (..., Nk), optional
+        Key keep-mask of the ``"paper"`` normalisation.
+    scale : float, optional
+        Score scale, default ``1/sqrt(D)``.
+
+    Returns
+    -------
+    SpectralError
+        ``mean`` over the slices that were not skipped (0.0 if all were),
+        and the number ``skipped``.
+    """
+    a, e = _host64(out), _host64(ref)
+    num = np.linalg.norm(a - e, ord=2, axis=(-2, -1))                                  # (...)
+    if normalise == "output":
+        den = np.linalg.norm(e, ord=2, axis=(-2, -1))                                  # (...)
+    elif normalise == "paper":
+        if q is None or k is None or v is None:
+            raise ValueError('normalise="paper" needs q, k and v')
+        q, k, v = _host64(q), _host64(k), _host64(v)
+        s = (1.0 / np.sqrt(q.shape[-1]) if scale is None else scale) * (q @ np.swapaxes(k, -1, -2))
+        keep = np.ones(k.shape[:-1], dtype=bool) if mask is None else np.asarray(_host64(mask) > 0)
+        s = np.where(keep[..., None, :], s, -np.inf)                                    # (..., Nq, Nk)
+        row_max = s.max(axis=-1, keepdims=True)                                         # (..., Nq, 1)
+        e_s = np.exp(s - np.where(np.isfinite(row_max), row_max, 0.0))                  # (..., Nq, Nk)
+        total = e_s.sum(axis=-1, keepdims=True)                                         # (..., Nq, 1)
+        P = e_s / np.where(total > 0, total, 1.0)                                       # (..., Nq, Nk) D^-1 A
+        v_kept = np.where(keep[..., None], v, 0.0)                                      # (..., Nk, Dv)
+        den = np.linalg.norm(P, ord=2, axis=(-2, -1)) * np.linalg.norm(v_kept, ord=2, axis=(-2, -1))
+        den = np.broadcast_to(den, num.shape)
+    else:
+        raise ValueError(f'normalise={normalise!r} is not one of "output", "paper"')
+    ok = den > 0
+    skipped = int(np.size(ok) - np.count_nonzero(ok))
+    mean = float((num[ok] / den[ok]).mean()) if ok.any() else 0.0
+    return SpectralError(mean=mean, skipped=skipped)

@@ -45,6 +45,7 @@ METHOD_MODULES: dict[str, str] = {
     "uniform": "eff_attn.methods.uniform:METHOD",
     "topk_oracle": "eff_attn.methods.topk_oracle:METHOD",
     "yoso": "eff_attn.methods.yoso:METHOD",
+    "kdeformer": "eff_attn.methods.kdeformer:METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

@@ -53,6 +53,11 @@ def blas_single_thread():
         yield
         return
     if _controller is None:
+        # Numba's np.dot calls SciPy's BLAS (scipy.linalg.cython_blas), a library of its own
+        # that is loaded only when a kernel first runs: load it first, so the controller,
+        # built once, limits it too. Unlimited, it starts its own threads for tiles beyond
+        # about 2**20 multiply-adds and oversubscribes the cores that prange already owns.
+        import scipy.linalg.cython_blas  # noqa: F401
         _controller = ThreadpoolController()
     with _controller.limit(limits=1, user_api="blas"):
         yield

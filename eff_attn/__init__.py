@@ -18,6 +18,7 @@ from .methods.exact import exact_attention
 from .methods.uniform import uniform_attention
 from .methods.topk_oracle import topk_oracle_attention
 from .methods.local import local_attention
+from .methods.performer import performer_attention
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "uniform_attention",
     "topk_oracle_attention",
     "local_attention",
+    "performer_attention",
 ]

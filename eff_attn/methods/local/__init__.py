@@ -84,11 +84,6 @@ def band(offset, Nq: int, Nk: int, window) -> tuple[int, int, int]:
     return o, wL, wR
 
 
-def band_key_range(i0: int, i1: int, o: int, wL: int, wR: int, Nk: int) -> tuple[int, int]:
-    """Keys ``[lo, hi)`` that any query in ``[i0, i1)`` may see (empty when ``hi <= lo``)."""
-    return max(0, i0 + o - wL), min(Nk, i1 - 1 + o + wR + 1)
-
-
 def chunk_geometry(Nq: int, chunk: int, wL: int, wR: int) -> tuple[int, int, int]:
     """Sliding chunks: ``(c, n_chunks, width)``, with ``width = c + wL + wR`` key slots per chunk."""
     c = min(chunk, Nq)

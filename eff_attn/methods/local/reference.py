@@ -187,7 +187,7 @@ def local_backward(dout, q, k, v, out, lse, *, mask=None, offset=None, scale, wi
     scores = xp.where(ch.visibility(), scale * (ch.q @ _swap(ch.k, xp)), -xp.inf)  # (G, n_ch, c, W)
     L = ch.split(xp.where(xp.isfinite(lse), lse, 0)[..., None])               # (G, n_ch, c, 1)
     P = xp.exp(scores - L)                                                   # (G, n_ch, c, W); 0 off the band
-    dS, dv_win = softmax_attend_backward(ch.split(dout), ch.split(out), P, ch.v, xp)  # (G, n_ch, c, W), (G, n_ch, W, Dv)
+    dS, dv_win = softmax_attend_backward(ch.split(dout), ch.split(out), P, ch.v, xp)  # (.., c, W), (.., W, Dv)
     dq = ch.rows(scale * (dS @ ch.k), Nq)                                    # (G, Nq, D)
     dk_win = scale * (_swap(dS, xp) @ ch.q)                                  # (G, n_ch, W, D)
     dk = overlap_add(dk_win, ch.start, ch.c, Nk, xp)                         # (G, Nk, D)

@@ -82,15 +82,30 @@ def _query_range(c, chunk, offset, i_first, Nq):
     return max(i_first, c * chunk - offset), min(Nq, (c + 1) * chunk - offset)
 
 
+@serial
+def _rows_of(task, n_blocks, block, N):
+    """Task ``task`` of a (slice, block) grid: ``(g, first row, one past the last)``."""
+    g = task // n_blocks
+    r0 = (task % n_blocks) * block
+    return g, r0, min(N, r0 + block)
+
+
+@serial
+def _chunk_of(task, n_c, chunk, Nk):
+    """Task ``task`` of a (slice, chunk) grid: ``(g, c, j0, j1)`` with keys ``[j0, j1)`` (empty past Nk)."""
+    g = task // n_c
+    c = task % n_c
+    j0 = min(Nk, c * chunk)
+    return g, c, j0, min(Nk, j0 + chunk)
+
+
 @kernel
 def _query_features_kernel(q, omega, sqrt_s, eps, ratio, textbook, block, a):
     G, Nq, _ = q.shape
     m = a.shape[2]
     n_blocks = (Nq + block - 1) // block
     for task in prange(G * n_blocks):
-        g = task // n_blocks
-        i0 = (task % n_blocks) * block
-        i1 = min(Nq, i0 + block)
+        g, i0, i1 = _rows_of(task, n_blocks, block, Nq)
         bits = np.empty(m, dtype=np.int32)
         lam = a[g, i0:i1]                                                  # (B, m) written in place
         _logits(q[g, i0:i1], _omega(omega, g), sqrt_s, lam)
@@ -104,10 +119,7 @@ def _key_logits_kernel(k, keep, omega, sqrt_s, chunk, lam, chunk_max):
     n_c = chunk_max.shape[1]
     has_mask = keep.shape[0] > 0
     for task in prange(G * n_c):
-        g = task // n_c
-        c = task % n_c
-        j0 = min(Nk, c * chunk)
-        j1 = min(Nk, j0 + chunk)
+        g, c, j0, j1 = _chunk_of(task, n_c, chunk, Nk)
         best = -np.inf
         if j1 > j0:
             _logits(k[g, j0:j1], _omega(omega, g), sqrt_s, lam[g, j0:j1])  # (C, m)
@@ -124,10 +136,7 @@ def _key_states_kernel(lam, vx, keep, shifts, eps, ratio, textbook, chunk, S):
     n_c = shifts.shape[1]
     has_mask = keep.shape[0] > 0
     for task in prange(G * n_c):
-        g = task // n_c
-        c = task % n_c
-        j0 = min(Nk, c * chunk)
-        j1 = min(Nk, j0 + chunk)
+        g, c, j0, j1 = _chunk_of(task, n_c, chunk, Nk)
         bits = np.empty(m, dtype=np.int32)
         for j in range(j0, j1):
             if has_mask and not keep[g, j]:
@@ -150,9 +159,7 @@ def _scan_kernel(x, decay, gain, reverse, store, out, final):
     G, n_c, m, F = x.shape
     n_blocks = (m + SCAN_ROWS - 1) // SCAN_ROWS
     for task in prange(G * n_blocks):
-        g = task // n_blocks
-        r0 = (task % n_blocks) * SCAN_ROWS
-        r1 = min(m, r0 + SCAN_ROWS)
+        g, r0, r1 = _rows_of(task, n_blocks, SCAN_ROWS, m)
         acc = np.zeros((r1 - r0, F), dtype=x.dtype)
         # Invariant: acc is the (decayed) sum over the chunks visited so far, at the current chunk's shift.
         for step in range(n_c):
@@ -173,9 +180,7 @@ def _outputs_kernel(a, total, block, numden):
     G, Nq, m = a.shape
     n_blocks = (Nq + block - 1) // block
     for task in prange(G * n_blocks):
-        g = task // n_blocks
-        i0 = (task % n_blocks) * block
-        i1 = min(Nq, i0 + block)
+        g, i0, i1 = _rows_of(task, n_blocks, block, Nq)
         np.dot(a[g, i0:i1], total[g], numden[g, i0:i1])                    # (B, Dv + 1)
 
 
@@ -195,13 +200,10 @@ def _causal_outputs_kernel(a, b, vx, E, alpha, beta, offset, i_first, chunk, num
     Nk = b.shape[1]
     n_c = E.shape[1]
     for task in prange(G * n_c):
-        g = task // n_c
-        c = task % n_c
+        g, c, j0, j1 = _chunk_of(task, n_c, chunk, Nk)
         i0, i1 = _query_range(c, chunk, offset, i_first, Nq)
         if i1 <= i0:
             continue
-        j0 = min(Nk, c * chunk)
-        j1 = min(Nk, j0 + chunk)
         out = numden[g, i0:i1]                                             # (B, Dv + 1)
         np.dot(a[g, i0:i1], E[g, c], out)                                  # prefix, at shift T_(c-1)
         out *= alpha[g, c]
@@ -252,9 +254,7 @@ def _query_grad_kernel(q, a, dO, total, omega, sqrt_s, floor, block, dq, rowsum)
     G, Nq, m = a.shape
     n_blocks = (Nq + block - 1) // block
     for task in prange(G * n_blocks):
-        g = task // n_blocks
-        i0 = (task % n_blocks) * block
-        i1 = min(Nq, i0 + block)
+        g, i0, i1 = _rows_of(task, n_blocks, block, Nq)
         da = np.dot(dO[g, i0:i1], total[g].T)                              # (B, m)
         valid = np.ones(i1 - i0, dtype=np.bool_)
         _logit_grad_to_input(da, a[g, i0:i1], floor, q[g, i0:i1], _omega(omega, g), sqrt_s,
@@ -268,10 +268,7 @@ def _key_grad_kernel(k, keep, b, vx, dtotal, beta, omega, sqrt_s, floor, chunk, 
     Dv = dv.shape[2]
     n_c = beta.shape[1]
     for task in prange(G * n_c):
-        g = task // n_c
-        c = task % n_c
-        j0 = min(Nk, c * chunk)
-        j1 = min(Nk, j0 + chunk)
+        g, c, j0, j1 = _chunk_of(task, n_c, chunk, Nk)
         if j1 <= j0:
             continue
         db = np.dot(vx[g, j0:j1], dtotal[g].T) * beta[g, c]                # (C, m)
@@ -304,12 +301,9 @@ def _causal_grad_kernel(q, k, keep, a, b, vx, dO, E, H, alpha, beta, omega, sqrt
     Dv = dv.shape[2]
     n_c = E.shape[1]
     for task in prange(G * n_c):
-        g = task // n_c
-        c = task % n_c
+        g, c, j0, j1 = _chunk_of(task, n_c, chunk, Nk)
         om = _omega(omega, g)
         i0, i1 = _query_range(c, chunk, offset, i_first, Nq)
-        j0 = min(Nk, c * chunk)
-        j1 = min(Nk, j0 + chunk)
         has_q, has_k = i1 > i0, j1 > j0
         nq, nk = max(0, i1 - i0), j1 - j0
         da = np.zeros((nq, m), dtype=a.dtype)                              # (B, m)
@@ -431,10 +425,10 @@ def backward(dout, q, k, v, out, res, *, mask, offset, scale, features, num_feat
                                 cs["offset"], cs["i_first"], chunk_size, dq, dk, dv, rowsum_q, rowsum_k)
         else:
             dtotal = np.empty((G, 1, m, F), dtype=q.dtype)
-            _outer_kernel(a, dO, 0, 0, chunk_size, False, dtotal)
+            _outer_kernel(a, dO, 0, 0, chunk_size, False, dtotal)                 # dSigma = a^T dO'
+            dtotal = np.ascontiguousarray(dtotal[:, 0])                           # (G, m, Dv + 1)
             _query_grad_kernel(q, a, dO, res["total"], omega, sqrt_s, floor, chunk_size, dq, rowsum_q)
-            _key_grad_kernel(k, keep, b, vx, np.ascontiguousarray(dtotal[:, 0]), res["beta"], omega, sqrt_s, floor, chunk_size,
-                             dk, dv, rowsum_k)
+            _key_grad_kernel(k, keep, b, vx, dtotal, res["beta"], omega, sqrt_s, floor, chunk_size, dk, dv, rowsum_k)
     if eps > 0 and variant == "stable":
         add_shift_gradients(dq, dk, rowsum_q, rowsum_k, a, b, q * sqrt_s, k * sqrt_s, omega, float(sqrt_s))
     return dq, dk, dv

@@ -19,6 +19,8 @@ from .methods.uniform import uniform_attention
 from .methods.topk_oracle import topk_oracle_attention
 from .methods.yoso import yoso_attention
 from .methods.kdeformer import kdeformer_attention
+from .methods.local import local_attention
+from .methods.performer import performer_attention
 
 __version__ = "0.1.0"
 
@@ -33,4 +35,6 @@ __all__ = [
     "topk_oracle_attention",
     "yoso_attention",
     "kdeformer_attention",
+    "local_attention",
+    "performer_attention",
 ]

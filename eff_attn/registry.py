@@ -46,6 +46,8 @@ METHOD_MODULES: dict[str, str] = {
     "topk_oracle": "eff_attn.methods.topk_oracle:METHOD",
     "yoso": "eff_attn.methods.yoso:METHOD",
     "kdeformer": "eff_attn.methods.kdeformer:METHOD",
+    "local": "eff_attn.methods.local:METHOD",
+    "performer": "eff_attn.methods.performer:METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

@@ -17,6 +17,14 @@ Backward
     block's ``dk`` and ``dv`` over all query blocks; one task per query block
     accumulates ``dq`` over all key blocks. Both recompute ``P = exp(S - L)``
     from the saved logsumexp ``L``.
+
+Bands
+    The kernels attend over a band of positions: query ``i`` at ``p_i = i + o``
+    sees the kept keys ``p_i - wL <= j <= p_i + wR``. Exact attention is the
+    band that covers every visible key (:func:`full_band`: ``wR = 0`` under
+    causal attention, the whole key range otherwise); ``local`` attention
+    runs the same kernels with its window. A task walks only the key range its
+    rows' bands reach, and masks only the tiles that cross a band edge.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from numba import prange
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
 from . import cpu_blocks
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "full_band", "banded_forward", "banded_backward"]
 
 
 @serial
@@ -37,21 +45,34 @@ def _tile(buffer, rows, cols):
 
 
 @serial
-def _mask_tile(s, keep, g, i0, j0, causal, offset):
-    """Set invisible entries of the score tile ``s`` (rows i0.., keys j0..) to -inf."""
-    bq, bk = s.shape
-    has_mask = keep.shape[0] > 0
-    for r in range(bq):
-        limit = bk if not causal else min(bk, max(0, i0 + r + offset + 1 - j0))
-        for c in range(bk):
-            if c >= limit or (has_mask and not keep[g, j0 + c]):
-                s[r, c] = -np.inf
+def _key_range(i0, i1, o, wL, wR, Nk):
+    """Keys ``[lo, hi)`` that the bands of queries ``[i0, i1)`` reach (empty when ``hi <= lo``)."""
+    return max(0, i0 + o - wL), min(Nk, i1 - 1 + o + wR + 1)
 
 
 @serial
-def _needs_mask(keep, causal, offset, i0, j1):
-    """True unless the tile is wholly visible (no mask, below the causal diagonal)."""
-    return keep.shape[0] > 0 or (causal and j1 - 1 > i0 + offset)
+def _query_range(j0, j1, o, wL, wR, Nq):
+    """Queries ``[first, stop)`` whose bands reach keys ``[j0, j1)``."""
+    return max(0, j0 - wR - o), min(Nq, j1 - 1 + wL - o + 1)
+
+
+@serial
+def _mask_tile(s, keep, g, i0, j0, o, wL, wR):
+    """Set the entries of the score tile ``s`` (rows i0.., keys j0..) off the band or masked to -inf.
+
+    Does nothing when every pair of the tile is in the band and no key mask applies.
+    """
+    bq, bk = s.shape
+    has_mask = keep.shape[0] > 0
+    if not has_mask and j0 >= i0 + bq - 1 + o - wL and j0 + bk - 1 <= i0 + o + wR:
+        return
+    for r in range(bq):
+        p = i0 + r + o
+        first = min(bk, max(0, p - wL - j0))                               # first column in the band
+        stop = min(bk, max(0, p + wR + 1 - j0))                            # one past the last
+        for c in range(bk):
+            if c < first or c >= stop or (has_mask and not keep[g, j0 + c]):
+                s[r, c] = -np.inf
 
 
 @serial
@@ -71,7 +92,7 @@ def _online_row_update(row, mu_old, bits):
 
 
 @kernel
-def _forward_kernel(q, k, v, keep, causal, offset, scale, block_q, block_k, out, lse):
+def _forward_kernel(q, k, v, keep, o, wL, wR, scale, block_q, block_k, out, lse):
     G, Nq, D = q.shape
     Nk, Dv = k.shape[1], v.shape[2]
     n_blocks = (Nq + block_q - 1) // block_q
@@ -87,14 +108,13 @@ def _forward_kernel(q, k, v, keep, causal, offset, scale, block_q, block_k, out,
         pv = np.empty((bq, Dv), dtype=q.dtype)                             # (Bq, Dv)
         tile = np.empty(bq * block_k, dtype=q.dtype)
         bits = np.empty(block_k, dtype=np.int32)
-        k_end = Nk if not causal else min(Nk, max(0, i1 + offset))
+        lo, hi = _key_range(i0, i1, o, wL, wR, Nk)
         # Invariant: acc[r] = sum_{seen j} exp(S[r, j] - mu[r]) v[j], ell[r] likewise.
-        for j0 in range(0, k_end, block_k):
-            j1 = min(k_end, j0 + block_k)
+        for j0 in range(lo, hi, block_k):
+            j1 = min(hi, j0 + block_k)
             s = _tile(tile, bq, j1 - j0)                                   # (Bq, Bk)
             np.dot(qs, k[g, j0:j1].T, s)                                   # (Bq, Bk) scores
-            if _needs_mask(keep, causal, offset, i0, j1):
-                _mask_tile(s, keep, g, i0, j0, causal, offset)
+            _mask_tile(s, keep, g, i0, j0, o, wL, wR)
             for r in range(bq):
                 mu_new, alpha, total = _online_row_update(s[r], mu[r], bits)
                 if mu_new == -np.inf:                                      # nothing visible yet
@@ -115,10 +135,9 @@ def _forward_kernel(q, k, v, keep, causal, offset, scale, block_q, block_k, out,
 
 
 @serial
-def _probabilities(s, lse, keep, g, i0, j0, causal, offset, bits):
+def _probabilities(s, lse, keep, g, i0, j0, o, wL, wR, bits):
     """In place: ``s <- exp(s - L_i)`` on visible entries, 0 elsewhere."""
-    if _needs_mask(keep, causal, offset, i0, j0 + s.shape[1]):
-        _mask_tile(s, keep, g, i0, j0, causal, offset)
+    _mask_tile(s, keep, g, i0, j0, o, wL, wR)
     for r in range(s.shape[0]):
         L = lse[g, i0 + r]
         if L == -np.inf:
@@ -137,7 +156,7 @@ def _score_gradient(p, dp, delta, g, i0):
 
 
 @kernel
-def _backward_kv_kernel(q, k, v, dout, lse, delta, keep, causal, offset, scale, block_q, block_k, dk, dv):
+def _backward_kv_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block_q, block_k, dk, dv):
     G, Nq, D = q.shape
     Nk, Dv = k.shape[1], v.shape[2]
     n_blocks = (Nk + block_k - 1) // block_k
@@ -155,14 +174,14 @@ def _backward_kv_kernel(q, k, v, dout, lse, delta, keep, causal, offset, scale, 
         p_buf = np.empty(block_q * bk, dtype=q.dtype)
         ds_buf = np.empty(block_q * bk, dtype=q.dtype)
         bits = np.empty(bk, dtype=np.int32)
-        first = 0 if not causal else max(0, j0 - offset)                   # first i with i + offset >= j0
-        for i0 in range(first, Nq, block_q):
-            i1 = min(Nq, i0 + block_q)
+        first, stop = _query_range(j0, j1, o, wL, wR, Nq)                  # queries whose bands reach [j0, j1)
+        for i0 in range(first, stop, block_q):
+            i1 = min(stop, i0 + block_q)
             p = _tile(p_buf, i1 - i0, bk)                                  # (Bq, Bk)
             ds = _tile(ds_buf, i1 - i0, bk)                                # (Bq, Bk)
             do = dout[g, i0:i1]                                            # (Bq, Dv)
             np.dot(q[g, i0:i1], ks.T, p)                                   # (Bq, Bk) scores
-            _probabilities(p, lse, keep, g, i0, j0, causal, offset, bits)  # (Bq, Bk) P
+            _probabilities(p, lse, keep, g, i0, j0, o, wL, wR, bits)       # (Bq, Bk) P
             np.dot(p.T, do, dv_part)                                       # (Bk, Dv)
             dv_acc += dv_part
             np.dot(do, vb.T, ds)                                           # (Bq, Bk) dP
@@ -174,7 +193,7 @@ def _backward_kv_kernel(q, k, v, dout, lse, delta, keep, causal, offset, scale, 
 
 
 @kernel
-def _backward_q_kernel(q, k, v, dout, lse, delta, keep, causal, offset, scale, block_q, block_k, dq):
+def _backward_q_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block_q, block_k, dq):
     G, Nq, D = q.shape
     Nk = k.shape[1]
     n_blocks = (Nq + block_q - 1) // block_q
@@ -190,13 +209,13 @@ def _backward_q_kernel(q, k, v, dout, lse, delta, keep, causal, offset, scale, b
         p_buf = np.empty(bq * block_k, dtype=q.dtype)
         ds_buf = np.empty(bq * block_k, dtype=q.dtype)
         bits = np.empty(block_k, dtype=np.int32)
-        k_end = Nk if not causal else min(Nk, max(0, i1 + offset))
-        for j0 in range(0, k_end, block_k):
-            j1 = min(k_end, j0 + block_k)
+        lo, hi = _key_range(i0, i1, o, wL, wR, Nk)
+        for j0 in range(lo, hi, block_k):
+            j1 = min(hi, j0 + block_k)
             p = _tile(p_buf, bq, j1 - j0)                                  # (Bq, Bk)
             ds = _tile(ds_buf, bq, j1 - j0)                                # (Bq, Bk)
             np.dot(qs, k[g, j0:j1].T, p)                                   # (Bq, Bk) scores
-            _probabilities(p, lse, keep, g, i0, j0, causal, offset, bits)  # (Bq, Bk) P
+            _probabilities(p, lse, keep, g, i0, j0, o, wL, wR, bits)       # (Bq, Bk) P
             np.dot(do, v[g, j0:j1].T, ds)                                  # (Bq, Bk) dP
             _score_gradient(p, ds, delta, g, i0)                           # (Bq, Bk) dS
             np.dot(ds, k[g, j0:j1], dq_part)                               # (Bq, D)
@@ -204,31 +223,50 @@ def _backward_q_kernel(q, k, v, dout, lse, delta, keep, causal, offset, scale, b
         dq[g, i0:i1] = dq_acc * scale
 
 
-def _kernel_args(q, mask, offset, scale):
-    keep = np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
-    return keep, offset is not None, 0 if offset is None else int(offset), q.dtype.type(scale)
+def full_band(offset, Nq: int, Nk: int) -> tuple[int, int, int]:
+    """``(o, wL, wR)`` of the band that holds every visible key: exact attention as a band."""
+    if offset is None:
+        return 0, max(0, Nq - 1), max(0, Nk - 1)
+    return int(offset), max(0, Nq - 1 + int(offset)), 0
 
 
-def forward(q, k, v, *, mask, offset, scale, algorithm="auto", block_q=None, block_k=None):
-    """Blocked online-softmax forward; see the module docstring."""
+def _keep(mask):
+    return np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
+
+
+def banded_forward(q, k, v, mask, band, scale, block_q, block_k):
+    """Online-softmax forward over the band ``(o, wL, wR)``; returns ``(out, lse)``."""
     q, k, v = contiguous(q, k, v)
-    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2], block_q, block_k)
     G, Nq, _ = q.shape
     out = np.empty((G, Nq, v.shape[2]), dtype=q.dtype)
     lse = np.empty((G, Nq), dtype=q.dtype)
     with blas_single_thread():
-        _forward_kernel(q, k, v, *_kernel_args(q, mask, offset, scale), block_q, block_k, out, lse)
-    return out, {"lse": lse, "algorithm": "blocked", "block_q": block_q, "block_k": block_k}
+        _forward_kernel(q, k, v, _keep(mask), *band, q.dtype.type(scale), block_q, block_k, out, lse)
+    return out, lse
 
 
-def backward(dout, q, k, v, out, res, *, mask, offset, scale, block_q=None, block_k=None, **params):
-    """Two-pass blocked backward from the saved logsumexp."""
+def banded_backward(dout, q, k, v, out, lse, mask, band, scale, block_q, block_k):
+    """Two-pass backward over the band ``(o, wL, wR)`` from the saved logsumexp."""
     q, k, v, dout = contiguous(q, k, v, dout)
-    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2], block_q, block_k)
     delta = np.einsum("gid,gid->gi", dout, out)                              # (G, Nq)
-    args = (q, k, v, dout, res["lse"], delta, *_kernel_args(q, mask, offset, scale), block_q, block_k)
+    args = (q, k, v, dout, lse, delta, _keep(mask), *band, q.dtype.type(scale), block_q, block_k)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     with blas_single_thread():
         _backward_kv_kernel(*args, dk, dv)
         _backward_q_kernel(*args, dq)
     return dq, dk, dv
+
+
+def forward(q, k, v, *, mask, offset, scale, algorithm="auto", block_q=None, block_k=None):
+    """Blocked online-softmax forward; see the module docstring."""
+    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2], block_q, block_k)
+    band = full_band(offset, q.shape[1], k.shape[1])
+    out, lse = banded_forward(q, k, v, mask, band, scale, block_q, block_k)
+    return out, {"lse": lse, "algorithm": "blocked", "block_q": block_q, "block_k": block_k}
+
+
+def backward(dout, q, k, v, out, res, *, mask, offset, scale, block_q=None, block_k=None, **params):
+    """Two-pass blocked backward from the saved logsumexp."""
+    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2], block_q, block_k)
+    band = full_band(offset, q.shape[1], k.shape[1])
+    return banded_backward(dout, q, k, v, out, res["lse"], mask, band, scale, block_q, block_k)

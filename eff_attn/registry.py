@@ -43,6 +43,7 @@ METHOD_MODULES: dict[str, str] = {
     "exact": "eff_attn.methods.exact:METHOD",
     "uniform": "eff_attn.methods.uniform:METHOD",
     "topk_oracle": "eff_attn.methods.topk_oracle:METHOD",
+    "routing": "eff_attn.methods.routing:METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

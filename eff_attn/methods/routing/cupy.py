@@ -38,7 +38,16 @@ from numba import cuda, float64, int64
 
 from ..._cuda import launch_rows, threads_per_block, to_xp, xp_of
 from . import finish_res
-from .plan import argmax_plan, balanced_plan, first_key_of_clusters, plan_statistics, row_limits, slot_layout, tile_tasks
+from .plan import (
+    argmax_plan,
+    balanced_plan,
+    first_key_of_clusters,
+    plan_statistics,
+    row_limits,
+    slot_layout,
+    tile_tasks,
+    visible_prefix,
+)
 from .reference import routing_scores, window_attention, window_backward
 
 __all__ = ["route", "forward", "backward"]
@@ -109,17 +118,7 @@ def route(q, k, *, mask, offset, centroids, head_of, num_clusters, assignment, w
 # --- ragged kernels -------------------------------------------------------------------
 
 
-@cuda.jit(device=True)
-def _visible_prefix(krow, kperm, g, k0, nk, limit):
-    lo = 0
-    hi = nk
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if krow[g, kperm[g, k0 + mid]] <= limit:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+_visible_prefix = cuda.jit(device=True)(visible_prefix)
 
 
 @cuda.jit(device=True)
@@ -134,8 +133,17 @@ def _stage_keys(buf, k, v, krow, kperm, g, start, count):
 
 
 @cuda.jit(device=True)
-def _row_setup(qrow, qperm, krow, kperm, g, a, a1, k0, nk, causal, offset, kend):
-    """This thread's slot, row and visible key count; raises the block's ``kend``."""
+def _task_rows(tasks, qrow, qperm, krow, kperm, koff, causal, offset, kend):
+    """The block's task ``(g, c)``, its first key ``k0``, and this thread's slot, row and
+    visible key count; ``kend[0]`` becomes the largest count in the block."""
+    t = cuda.blockIdx.x
+    g, c, a0, a1 = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
+    k0 = koff[g, c]
+    nk = koff[g, c + 1] - k0
+    if cuda.threadIdx.x == 0:
+        kend[0] = 0
+    cuda.syncthreads()
+    a = a0 + cuda.threadIdx.x
     slot = -1
     i = 0
     limit = 0
@@ -144,7 +152,8 @@ def _row_setup(qrow, qperm, krow, kperm, g, a, a1, k0, nk, causal, offset, kend)
         i = qrow[g, slot]
         limit = _visible_prefix(krow, kperm, g, k0, nk, i + offset) if causal else nk
         cuda.atomic.max(kend, 0, limit)
-    return slot, i, limit
+    cuda.syncthreads()
+    return g, k0, slot, i, limit
 
 
 @cuda.jit
@@ -158,15 +167,7 @@ def _ragged_forward(q, k, v, qrow, qperm, krow, kperm, koff, tasks, causal, offs
     D, Dv = q.shape[2], v.shape[2]
     F = D + Dv
     per_tile = _TILE_FLOATS // F
-    t = cuda.blockIdx.x
-    g, c, a0, a1 = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
-    k0 = koff[g, c]
-    if cuda.threadIdx.x == 0:
-        kend[0] = 0
-    cuda.syncthreads()
-    slot, i, limit = _row_setup(qrow, qperm, krow, kperm, g, a0 + cuda.threadIdx.x, a1, k0, koff[g, c + 1] - k0,
-                                causal, offset, kend)
-    cuda.syncthreads()
+    g, k0, slot, i, limit = _task_rows(tasks, qrow, qperm, krow, kperm, koff, causal, offset, kend)
     m = -math.inf
     ell = 0.0
     for j0 in range(0, kend[0], per_tile):
@@ -205,15 +206,7 @@ def _ragged_backward_q(q, k, v, qrow, qperm, krow, kperm, koff, tasks, causal, o
     D, Dv = q.shape[2], v.shape[2]
     F = D + Dv
     per_tile = _TILE_FLOATS // F
-    t = cuda.blockIdx.x
-    g, c, a0, a1 = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
-    k0 = koff[g, c]
-    if cuda.threadIdx.x == 0:
-        kend[0] = 0
-    cuda.syncthreads()
-    slot, i, limit = _row_setup(qrow, qperm, krow, kperm, g, a0 + cuda.threadIdx.x, a1, k0, koff[g, c + 1] - k0,
-                                causal, offset, kend)
-    cuda.syncthreads()
+    g, k0, slot, i, limit = _task_rows(tasks, qrow, qperm, krow, kperm, koff, causal, offset, kend)
     L = slot_lse[g, slot] if slot >= 0 else -math.inf
     for j0 in range(0, kend[0], per_tile):
         count = min(per_tile, kend[0] - j0)

@@ -47,6 +47,7 @@ from .plan import (
     plan_statistics,
     slot_layout,
     tile_tasks,
+    visible_prefix,
 )
 
 __all__ = ["route", "forward", "backward"]
@@ -144,17 +145,7 @@ def route(q, k, *, mask, offset, centroids, head_of, num_clusters, assignment, w
 # --- attention over segments ---------------------------------------------------------
 
 
-@serial
-def _visible_prefix(krow, kperm, g, k0, nk, limit):
-    """How many keys of ``kperm[g, k0:k0 + nk]`` (ascending positions) lie at ``<= limit``."""
-    lo, hi = 0, nk
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if krow[g, kperm[g, k0 + mid]] <= limit:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+_visible_prefix = serial(visible_prefix)
 
 
 @serial

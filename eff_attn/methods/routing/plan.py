@@ -42,6 +42,7 @@ __all__ = [
     "slot_layout",
     "SlotLayout",
     "tile_tasks",
+    "visible_prefix",
 ]
 
 ASSIGNMENTS = ("argmax", "balanced")
@@ -386,6 +387,23 @@ def slot_layout(plan: RoutingPlan, Nq: int, Nk: int, xp=np) -> SlotLayout:
     rperm, roff = _csr(qrow, Nq + 1, xp)
     kr_perm, kr_off = _csr(krow, Nk + 1, xp)
     return SlotLayout(qrow, qperm, qoff, krow, kperm, koff, rperm, roff, kr_perm, kr_off, window_slots)
+
+
+def visible_prefix(krow, kperm, g, k0, nk, limit):
+    """How many keys of the segment ``kperm[g, k0:k0 + nk]`` (ascending positions) lie at ``<= limit``.
+
+    A binary search; plain Python so that the Numba CPU kernels and the
+    numba.cuda kernels compile the same code.
+    """
+    lo = 0
+    hi = nk
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if krow[g, kperm[g, k0 + mid]] <= limit:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def tile_tasks(first, count, other_count, tile: int) -> np.ndarray:

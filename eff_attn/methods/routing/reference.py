@@ -237,7 +237,7 @@ def balanced_attention(q, k, v, plan, *, offset, scale):
     n = np.zeros((G, Nq), dtype=np.int64)                                   # (G, Nq) |C^+_i|
     np.add.at(n, (g3, qwin), np.isfinite(lse))
     n += np.isfinite(lse_f[:, :, 0])
-    out = acc / np.where(n > 0, n, 1)[..., None]                            # (G, Nq, Dv); unserved rows 0
+    out = acc / np.where(n > 0, n, 1).astype(q.dtype)[..., None]            # (G, Nq, Dv); unserved rows 0
     return out, {"window_out": O, "window_lse": lse, "fallback_out": Of, "fallback_lse": lse_f, "served": n}
 
 
@@ -248,7 +248,7 @@ def balanced_backward(dout, q, k, v, saved, plan, *, offset, scale):
     Nk = k.shape[1]
     limits = row_limits(Nq, Nk, offset)                                     # (Nq,)
     n = saved["served"]                                                     # (G, Nq)
-    d_row = dout / np.where(n > 0, n, 1)[..., None]                         # (G, Nq, Dv)
+    d_row = dout / np.where(n > 0, n, 1).astype(q.dtype)[..., None]         # (G, Nq, Dv)
     g3 = np.arange(G)[:, None, None]                                        # (G, 1, 1)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     rows = np.broadcast_to(np.arange(Nq)[None, :, None], (G, Nq, 1))        # (G, Nq, 1)
@@ -322,7 +322,7 @@ def attention_matrix(q, k, plan, *, mask, offset, scale):
     M = _window_members(fwin, Nk) & visible                                 # (G, Nq, Nk)
     total += softmax_attend(scores, M, np.broadcast_to(eye, (G, Nk, Nk)))[0]
     n += M.any(axis=-1, keepdims=True)
-    return total / np.where(n > 0, n, 1)
+    return total / np.where(n > 0, n, 1).astype(q.dtype)
 
 
 # --- backend entry points ----------------------------------------------------------

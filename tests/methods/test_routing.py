@@ -365,6 +365,23 @@ class TestRouting(BackendCase):
         moved = self.run(q[:, pq], k[:, pk], v[:, pk], state=state, mask=mask[:, pk], assignment=assignment)
         assert_close(moved, to_host(out)[:, pq], rel=1e-12)
 
+    @pytest.mark.parametrize("assignment", ["argmax", "balanced"])
+    def test_ties_break_by_position_and_zero_vectors_go_to_cluster_zero(self, assignment):
+        rng = np.random.default_rng(6)
+        q, k, v = random_qkv(rng, batch=(1,), Nq=8, Nk=8, D=2, Dv=2)
+        q[0, [1, 4, 6]] = 0.0                                               # zero rows: R = 0 everywhere
+        k[0, [0, 5]] = 0.0
+        q[0, [2, 3, 7]] = q[0, 2]                                           # exact duplicates: equal R
+        k[0, [2, 6]] = k[0, 2]
+        state = random_state(3, 3, 2)
+        expected, plans, _ = oracle_batch(q, k, v, state.centroids, assignment=assignment)
+        out, info = self.run(q, k, v, state=state, assignment=assignment, return_info=True)
+        for name in plans[0]:
+            assert np.array_equal(to_host(getattr(info["plan"], name))[0], plans[0][name]), name
+        assert_close(out, expected, rel=1e-12)
+        if assignment == "argmax":
+            assert to_host(info["plan"].key_cluster)[0, [0, 5]].tolist() == [0, 0]
+
     def test_shared_queries_and_keys_leave_no_row_unrouted(self, global_random_seed):
         q, _, v = random_qkv(global_random_seed, batch=(2,), Nq=6 if self.small else 16, D=4)
         _, info = self.run(q, q, v, state=random_state(global_random_seed, 4, 4), unrouted="zero",

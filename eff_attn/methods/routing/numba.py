@@ -38,7 +38,7 @@ import numpy as np
 from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
-from ..exact import cpu_blocks
+from ..exact import CPU_TILE_MACS, cpu_blocks
 from . import finish_res
 from .plan import (
     argmax_plan,
@@ -52,8 +52,18 @@ from .plan import (
 
 __all__ = ["route", "forward", "backward"]
 
-#: Rows per routing task.
-ROUTE_BLOCK = 256
+#: Most rows per routing task; fewer when ``rows * C * D`` would exceed exact's
+#: ``CPU_TILE_MACS`` (OpenBLAS's small-matrix path): a (256, 64) x (64, 64) tile
+#: ran 16x slower than four (64, 64) x (64, 64) ones on the benchmark machine.
+MAX_ROUTE_BLOCK = 256
+
+
+def route_block(C: int, D: int) -> int:
+    """Largest power of two ``<= 256`` with ``block * C * D <= CPU_TILE_MACS`` (at least 8)."""
+    block = MAX_ROUTE_BLOCK
+    while block > 8 and block * C * D > CPU_TILE_MACS:
+        block //= 2
+    return block
 
 
 # --- routing --------------------------------------------------------------------------
@@ -85,7 +95,13 @@ def _route_kernel(x, mu, head_of, block, R, best):
 
 @kernel
 def _top_windows_kernel(R, dropped, keep_dropped, w, out):
-    """Window ``(g, c)``: the first ``w`` positions by ``(-R[:, c], position)``, ascending, -1 padded."""
+    """Window ``(g, c)``: the first ``w`` positions by ``(-R[:, c], position)``, ascending, -1 padded.
+
+    Selection in O(N) instead of a sort: ``tau`` is the w-th smallest ``-R``
+    (``np.partition``); a scan in position order then takes every entry
+    below ``tau`` and the first ``w - #{below}`` entries equal to it, which
+    is exactly the top ``w`` of the ``(-R, position)`` order, already ascending.
+    """
     G, N, C = R.shape
     has_drop = dropped.shape[0] > 0
     for task in prange(G * C):
@@ -93,24 +109,31 @@ def _top_windows_kernel(R, dropped, keep_dropped, w, out):
         c = task % C
         neg = np.empty(N, dtype=R.dtype)                                   # (N,) -R, +inf if dropped
         for i in range(N):
-            neg[i] = -R[g, i, c] + 0.0
+            neg[i] = -R[g, i, c]
             if has_drop and dropped[g, i]:
                 neg[i] = np.inf
-        order = np.argsort(neg, kind="mergesort")                          # stable: ties by position
-        chosen = np.empty(w, dtype=np.int64)
-        for s in range(w):
-            j = order[s]
-            chosen[s] = N if (has_drop and not keep_dropped and dropped[g, j]) else j
-        chosen.sort()
-        for s in range(w):
-            out[g, c, s] = chosen[s] if chosen[s] < N else -1
+        tau = np.partition(neg.copy(), w - 1)[w - 1]
+        ties = w
+        for i in range(N):
+            if neg[i] < tau:
+                ties -= 1
+        n = 0
+        for i in range(N):
+            take = neg[i] < tau or (neg[i] == tau and ties > 0)
+            if take and neg[i] == tau:
+                ties -= 1
+            if take and not (has_drop and not keep_dropped and dropped[g, i]):
+                out[g, c, n] = i
+                n += 1
+        for s in range(n, w):
+            out[g, c, s] = -1
 
 
 def _scores(x, mu, head_of):
     G, N, _ = x.shape
     R = np.empty((G, N, mu.shape[1]), dtype=x.dtype)
     best = np.empty((G, N), dtype=np.int64)
-    _route_kernel(x, mu, head_of, ROUTE_BLOCK, R, best)
+    _route_kernel(x, mu, head_of, route_block(mu.shape[1], x.shape[2]), R, best)
     return R, best
 
 

@@ -67,6 +67,9 @@ _UNIT_TOL = 1e-6
 class RoutingState:
     """Routing centroids of every state head, and their usage.
 
+    The arrays are stored as read-only float64 copies; the functions of this
+    module return new states rather than changing one.
+
     Parameters
     ----------
     centroids : ndarray of shape (*H, C, D)
@@ -79,8 +82,6 @@ class RoutingState:
         The EMA decay ``lam`` that :func:`update_centroids` uses by default.
     steps : int, default=0
         How many update or Lloyd steps this state has taken.
-
-    The arrays are stored as read-only float64 copies.
     """
 
     centroids: np.ndarray

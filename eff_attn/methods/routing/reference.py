@@ -288,9 +288,10 @@ def routed_support(plan, mask, offset, Nq, Nk):
 
 
 def _window_members(win, Nk):
-    """One-hot of -1-padded windows ``(..., w)`` over keys: (..., Nk) bool."""
-    hit = (win[..., :, None] == np.arange(Nk)) & (win >= 0)[..., :, None]   # (..., w, Nk)
-    return hit.any(axis=-2)
+    """Membership of -1-padded windows ``(..., w)`` over keys: (..., Nk) bool."""
+    hit = np.zeros((*win.shape[:-1], Nk + 1), dtype=bool)                  # (..., Nk + 1); slot Nk: padding
+    np.put_along_axis(hit, np.where(win >= 0, win, Nk), True, axis=-1)
+    return hit[..., :Nk]
 
 
 def attention_matrix(q, k, plan, *, mask, offset, scale):

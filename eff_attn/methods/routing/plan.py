@@ -128,7 +128,7 @@ def argmax_query_clusters(RQ, first_key, limits, unrouted_mode, xp=np):
     first_key : int array of shape (G, C)
         ``f_c``, the first kept key of each cluster (``Nk`` when empty).
     limits : int array of shape (Nq,)
-        From :func:`row_limits`.
+        From :func:`row_limits`; cluster ``c`` is open to row ``i`` when ``f_c <= l_i``.
     unrouted_mode : {"nearest", "zero"}
 
     Returns
@@ -139,20 +139,25 @@ def argmax_query_clusters(RQ, first_key, limits, unrouted_mode, xp=np):
     unrouted : bool array of shape (G, Nq)
         ``V_i`` non-empty and the raw cluster not open to row ``i``.
     """
-    raw = xp.argmax(RQ, axis=-1)                                            # (G, Nq) a^{Q,0}
-    open_ = first_key[:, None, :] <= limits[None, :, None]                  # (G, Nq, C) f_c <= l_i
-    sees_any = open_.any(axis=-1)                                           # (G, Nq) V_i non-empty
-    raw_open = xp.take_along_axis(open_, raw[..., None], axis=-1)[..., 0]   # (G, Nq)
+    raw = xp.argmax(RQ, axis=-1).astype(np.int64)                           # (G, Nq) a^{Q,0}
+    sees_any = first_key.min(axis=-1)[:, None] <= limits[None, :]           # (G, Nq) some cluster open
+    raw_open = xp.take_along_axis(first_key, raw, axis=-1) <= limits[None, :]   # (G, Nq)
     unrouted = sees_any & ~raw_open                                         # (G, Nq)
     if unrouted_mode == "zero":
-        return raw.astype(np.int64), unrouted
-    return nearest_open_cluster(RQ, open_, sees_any, xp), unrouted
+        return raw, unrouted
+    # A routed row's raw cluster is open and the overall argmax, so it is also the best open one.
+    return nearest_open_cluster(RQ, first_key, limits, unrouted, xp.where(sees_any, raw, -1), xp), unrouted
 
 
-def nearest_open_cluster(RQ, open_, eligible, xp=np):
-    """``argmax_c RQ_ic`` over the open clusters where ``eligible``, else -1; (G, Nq) int64."""
-    best = xp.argmax(xp.where(open_, RQ, -xp.inf), axis=-1)                 # (G, Nq)
-    return xp.where(eligible, best, -1).astype(np.int64)
+def nearest_open_cluster(RQ, first_key, limits, rows, fill, xp=np):
+    """``fill`` with the rows where ``rows`` is True set to ``argmax_{c: f_c <= l_i} RQ_ic``
+    (-1 where no cluster is open); (G, Nq) int64. Costs ``O(C)`` per selected row only."""
+    g, i = xp.nonzero(rows)                                                 # (U,), (U,)
+    open_ = first_key[g] <= limits[i][:, None]                              # (U, C)
+    best = xp.argmax(xp.where(open_, RQ[g, i], -xp.inf), axis=-1)           # (U,)
+    out = fill.astype(np.int64)                                             # (G, Nq) copy
+    out[g, i] = xp.where(open_.any(axis=-1), best, -1)
+    return out
 
 
 def first_key_of_windows(key_windows, Nk: int, xp=np):
@@ -208,11 +213,9 @@ def balanced_plan(RQ, query_windows, key_windows, mask, offset, Nk, C, unrouted_
     served = balanced_served_counts(query_windows, first_key, limits, Nq, xp)   # (G, Nq)
     sees_any = xp.broadcast_to(masks.visible_counts(mask, offset, Nq, Nk, xp) > 0, (G, Nq))
     unrouted = sees_any & (served == 0)                                     # (G, Nq)
+    fallback = xp.full((G, Nq), -1, dtype=np.int64)                         # (G, Nq)
     if unrouted_mode == "nearest":
-        open_ = first_key[:, None, :] <= limits[None, :, None]              # (G, Nq, C)
-        fallback = nearest_open_cluster(RQ, open_, unrouted & open_.any(axis=-1), xp)
-    else:
-        fallback = xp.full((G, Nq), -1, dtype=np.int64)
+        fallback = nearest_open_cluster(RQ, first_key, limits, unrouted, fallback, xp)
     return RoutingPlan("balanced", C, masks.causal_argument(offset, Nq, Nk), fallback, None,
                        query_windows, key_windows, unrouted)
 

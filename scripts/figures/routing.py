@@ -189,7 +189,7 @@ def _best_time(fn, reps=3):
     return min(times)
 
 
-def timing_figure(path, sizes=(512, 1024, 2048, 4096, 8192), heads=2):
+def timing_figure(path, sizes=(1024, 2048, 4096, 8192, 16384), heads=2):
     """Numba routing (both modes) and Numba exact against N; float32, D = 64."""
     times = {"routing argmax": [], "routing balanced": [], "exact": []}
     for N in sizes:
@@ -204,7 +204,9 @@ def timing_figure(path, sizes=(512, 1024, 2048, 4096, 8192), heads=2):
     fig, ax = plt.subplots(figsize=(6, 4))
     for (label, t), color in zip(times.items(), COLORS):
         slope = np.polyfit(np.log(sizes[-3:]), np.log(t[-3:]), 1)[0]
-        ax.loglog(sizes, t, "o-", color=color, label=f"{label} (slope {slope:.2f})")
+        ax.loglog(sizes, t, "o-", color=color, label=f"{label} (slope {slope:.2f} over the last 3 N)")
+    ax.set_xticks(sizes, [f"{n // 1024}k" for n in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("N (C = ceil(sqrt N))")
     ax.set_ylabel("seconds (best of 3)")
     ax.set_title(f"Numba, float32, D = 64, {heads} heads")

@@ -21,6 +21,7 @@ from .methods.yoso import yoso_attention
 from .methods.kdeformer import kdeformer_attention
 from .methods.local import local_attention
 from .methods.performer import performer_attention
+from .methods.routing import routing_attention
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,5 @@ __all__ = [
     "kdeformer_attention",
     "local_attention",
     "performer_attention",
+    "routing_attention",
 ]

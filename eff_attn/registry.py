@@ -48,6 +48,7 @@ METHOD_MODULES: dict[str, str] = {
     "kdeformer": "eff_attn.methods.kdeformer:METHOD",
     "local": "eff_attn.methods.local:METHOD",
     "performer": "eff_attn.methods.performer:METHOD",
+    "routing": "eff_attn.methods.routing:METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

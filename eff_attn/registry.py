@@ -43,6 +43,7 @@ METHOD_MODULES: dict[str, str] = {
     "exact": "eff_attn.methods.exact:METHOD",
     "uniform": "eff_attn.methods.uniform:METHOD",
     "topk_oracle": "eff_attn.methods.topk_oracle:METHOD",
+    "nystrom": "eff_attn.methods.nystrom:METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

@@ -18,6 +18,7 @@ from .methods.exact import exact_attention
 from .methods.uniform import uniform_attention
 from .methods.topk_oracle import topk_oracle_attention
 from .methods.nystrom import nystrom_attention
+from .methods.reformer import reformer_attention
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "uniform_attention",
     "topk_oracle_attention",
     "nystrom_attention",
+    "reformer_attention",
 ]

@@ -44,6 +44,7 @@ METHOD_MODULES: dict[str, str] = {
     "uniform": "eff_attn.methods.uniform:METHOD",
     "topk_oracle": "eff_attn.methods.topk_oracle:METHOD",
     "nystrom": "eff_attn.methods.nystrom:METHOD",
+    "reformer": "eff_attn.methods.reformer:METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

@@ -1,0 +1,178 @@
+"""Reformer (LSH attention) on the CPU: one Numba task per (slice, round, chunk).
+
+Matches :func:`eff_attn.methods.reformer.reference.reformer_reference`.
+
+Host steps (NumPy, shared with the other backends)
+    The float64 hash :func:`eff_attn.methods.reformer.hash_buckets` (one BLAS
+    product per side), the stable sort through the shared int64
+    ``key * N + index`` helper of :mod:`eff_attn._hashing`, and the chunk id
+    of every position in every round.
+
+Blocking
+    ``_window_kernel``: ``prange`` over ``G x R x n_c`` tasks. A task owns
+    one query chunk of one round: it gathers its ``<= c`` query rows and the
+    ``<= 2c`` key and value rows of chunks ``u`` and ``u - 1 (mod n_c)`` into
+    private tiles, takes the (c, 2c) scores with one ``np.dot``, applies
+    visibility, the shared-QK self score and the dedup shift ``-log c_ij``
+    (``c_ij`` from ``R`` chunk-id comparisons), and writes the round's
+    softmax average and logsumexp at the queries' positions. Every query
+    sits in exactly one chunk per round, so writes never collide.
+    ``_combine_kernel``: ``prange`` over slices; per position, the rounds'
+    logsumexp weights ``exp(z^r - Z)``.
+
+Memory ``O(G R N Dv)`` for the round outputs plus one tile per worker; no
+(N, N) array. There is no backward pass here (``differentiable=False``):
+``attention_vjp`` runs the NumPy or CuPy pullback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from ..._hashing import inverse_permutation, stable_key_argsort
+from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
+from . import SELF_SCORE, assign_buckets, shared_keys
+
+__all__ = ["forward"]
+
+
+@serial
+def _round_count(chunk_q, chunk_k, g, i, j, n_c):
+    """``c_ij``: rounds whose window pairs query ``i`` with key ``j`` (key chunk u or u - 1)."""
+    count = 0
+    for r in range(chunk_q.shape[0]):
+        gap = (chunk_q[r, g, i] - chunk_k[r, g, j] + n_c) % n_c
+        if gap <= 1:
+            count += 1
+    return count
+
+
+@kernel
+def _window_kernel(q, keys, v, perm_q, perm_k, chunk_q, chunk_k, keep, causal, offset, scale, chunk,
+                   shared, dedup, self_score, out_r, lse_r, share_r, self_r):
+    R, G, N = perm_q.shape
+    D, Dv = q.shape[2], v.shape[2]
+    n_c = (N + chunk - 1) // chunk
+    has_mask = keep.shape[0] > 0
+    for task in prange(G * R * n_c):
+        g = task // (R * n_c)
+        r = (task // n_c) % R
+        u = task % n_c
+        s0 = u * chunk
+        nq = min(N, s0 + chunk) - s0
+        kpos = np.empty(2 * chunk, dtype=np.int64)
+        nk = 0
+        for s in range(s0, s0 + nq):                                       # key chunk u
+            kpos[nk] = perm_k[r, g, s]
+            nk += 1
+        if n_c > 1:                                                        # key chunk u - 1 (mod n_c)
+            p0 = ((u + n_c - 1) % n_c) * chunk
+            for s in range(p0, min(N, p0 + chunk)):
+                kpos[nk] = perm_k[r, g, s]
+                nk += 1
+        qt = np.empty((nq, D), dtype=q.dtype)
+        kt = np.empty((nk, D), dtype=q.dtype)
+        vt = np.empty((nk, Dv), dtype=q.dtype)
+        for a in range(nq):
+            qt[a] = q[g, perm_q[r, g, s0 + a]] * scale
+        for b in range(nk):
+            kt[b] = keys[g, kpos[b]]
+            vt[b] = v[g, kpos[b]]
+        s = np.empty((nq, nk), dtype=q.dtype)
+        np.dot(qt, kt.T, s)                                                # (c, 2c) scores
+        bits = np.empty(nk, dtype=np.int32)
+        totals = np.zeros(nq, dtype=q.dtype)
+        for a in range(nq):
+            i = perm_q[r, g, s0 + a]
+            share = 0.0
+            seen_self = False
+            for b in range(nk):
+                j = kpos[b]
+                if (has_mask and not keep[g, j]) or (causal and j > i + offset):
+                    s[a, b] = -np.inf
+                    continue
+                count = _round_count(chunk_q, chunk_k, g, i, j, n_c)
+                share += 1.0 / count
+                if j == i:
+                    seen_self = True
+                    if shared:
+                        s[a, b] = self_score
+                if dedup:
+                    s[a, b] -= np.log(count)
+            share_r[g, r, i] = share
+            self_r[g, r, i] = seen_self
+            mu = row_maximum(s[a])
+            if mu == -np.inf:                                              # nothing visible in this window
+                s[a] = 0
+                lse_r[g, r, i] = -np.inf
+                continue
+            totals[a] = exp_shifted(s[a], mu, bits)
+            lse_r[g, r, i] = mu + np.log(totals[a])
+        o = np.empty((nq, Dv), dtype=q.dtype)
+        np.dot(s, vt, o)                                                   # (c, Dv)
+        for a in range(nq):
+            i = perm_q[r, g, s0 + a]
+            if totals[a] > 0:
+                out_r[g, r, i] = o[a] / totals[a]
+            else:
+                out_r[g, r, i] = 0
+
+
+@kernel
+def _combine_kernel(out_r, lse_r, out, lse):
+    """``out = sum_r exp(z^r - Z) o^r``, ``Z = lse_r z^r``; 0 and -inf where all rounds are empty."""
+    G, R, N, Dv = out_r.shape
+    for g in prange(G):
+        for i in range(N):
+            mu = -np.inf
+            for r in range(R):
+                mu = max(mu, lse_r[g, r, i])
+            out[g, i] = 0
+            if mu == -np.inf:
+                lse[g, i] = -np.inf
+                continue
+            total = 0.0
+            for r in range(R):
+                w = np.exp(lse_r[g, r, i] - mu)
+                total += w
+                out[g, i] += w * out_r[g, r, i]
+            out[g, i] /= total
+            lse[g, i] = mu + np.log(total)
+
+
+def forward(q, k, v, *, mask, offset, scale, num_hashes, num_buckets, chunk_size, shared_qk, dedup,
+            rotations=None, buckets=None):
+    """Hash and sort on the host, then the window and combine kernels."""
+    q, k, v = contiguous(q, k, v)
+    buckets_q, buckets_k = assign_buckets(q, k, num_hashes=num_hashes, num_buckets=num_buckets,
+                                          shared_qk=shared_qk, rotations=rotations, buckets=buckets)
+    keys = np.ascontiguousarray(shared_keys(q)) if shared_qk else k
+    perm_q = stable_key_argsort(buckets_q)                                 # (R, G, N)
+    perm_k = perm_q if shared_qk else stable_key_argsort(buckets_k)        # (R, G, N)
+    chunk_q = inverse_permutation(perm_q) // chunk_size                    # (R, G, N)
+    chunk_k = chunk_q if shared_qk else inverse_permutation(perm_k) // chunk_size
+    G, N, Dv = v.shape
+    R = num_hashes
+    keep = np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
+    out_r = np.empty((G, R, N, Dv), dtype=q.dtype)
+    lse_r = np.empty((G, R, N), dtype=q.dtype)
+    share_r = np.empty((G, R, N), dtype=np.float64)
+    self_r = np.empty((G, R, N), dtype=np.bool_)
+    out = np.empty((G, N, Dv), dtype=q.dtype)
+    lse = np.empty((G, N), dtype=q.dtype)
+    dtype = q.dtype.type
+    with blas_single_thread():
+        _window_kernel(q, keys, v, perm_q, perm_k, chunk_q, chunk_k, keep, offset is not None,
+                       0 if offset is None else int(offset), dtype(scale), chunk_size, shared_qk, dedup,
+                       dtype(SELF_SCORE), out_r, lse_r, share_r, self_r)
+    _combine_kernel(out_r, lse_r, out, lse)
+    union_size = share_r.sum(axis=1)                                       # (G, N)
+    res = {
+        "lse": lse,
+        "buckets": (buckets_q, buckets_k),
+        "union_size": union_size,
+        "self_only": self_r.any(axis=1) & (np.rint(union_size) == 1),
+        "empty_rows": ~np.isfinite(lse),
+    }
+    return out, res

@@ -53,6 +53,10 @@ def blas_single_thread():
         yield
         return
     if _controller is None:
+        # Numba's np.dot calls SciPy's BLAS. Kernels loaded from the on-disk cache have
+        # not loaded it yet, and a controller only sees libraries loaded before it.
+        import scipy.linalg.cython_blas  # noqa: F401
+
         _controller = ThreadpoolController()
     with _controller.limit(limits=1, user_api="blas"):
         yield

@@ -126,8 +126,12 @@ def hash_buckets(x, rotations, num_buckets, xp=np):
     -------
     int64 array of shape (R, G, N)
     """
-    proj = xp.matmul(x.astype(np.float64)[None], rotations.astype(np.float64)[:, None])  # (R, G, N, cols)
-    codes = xp.zeros(proj.shape[:-1], dtype=np.int64)                                    # (R, G, N)
+    R, D, cols = rotations.shape
+    G, N = x.shape[:2]
+    flat_rot = xp.moveaxis(rotations.astype(np.float64), 0, 1).reshape(D, R * cols)      # (D, R*cols)
+    proj = x.reshape(G * N, D).astype(np.float64) @ flat_rot                             # (G*N, R*cols), one GEMM
+    proj = xp.moveaxis(proj.reshape(G, N, R, cols), 2, 0)                                # (R, G, N, cols)
+    codes = xp.zeros((R, G, N), dtype=np.int64)                                          # (R, G, N)
     base, col = 1, 0
     for b in bucket_groups(num_buckets):
         p = proj[..., col:col + b // 2]                                                  # (R, G, N, b/2)

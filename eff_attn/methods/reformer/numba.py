@@ -14,7 +14,8 @@ Blocking
     ``<= 2c`` key and value rows of chunks ``u`` and ``u - 1 (mod n_c)`` into
     private tiles, takes the (c, 2c) scores with one ``np.dot``, applies
     visibility, the shared-QK self score and the dedup shift ``-log c_ij``
-    (``c_ij`` from ``R`` chunk-id comparisons), and writes the round's
+    (``c_ij`` from ``R`` comparisons of chunk ids gathered once per tile),
+    and writes the round's
     softmax average and logsumexp at the queries' positions. Every query
     sits in exactly one chunk per round, so writes never collide.
     ``_combine_kernel``: ``prange`` over slices; per position, the rounds'
@@ -38,14 +39,27 @@ __all__ = ["forward"]
 
 
 @serial
-def _round_count(chunk_q, chunk_k, g, i, j, n_c):
-    """``c_ij``: rounds whose window pairs query ``i`` with key ``j`` (key chunk u or u - 1)."""
+def _round_count(q_chunks, k_chunks, n_c):
+    """``c_ij``: rounds whose window pairs the query with the key.
+
+    ``q_chunks``, ``k_chunks`` (R,) are their chunks in every round; the
+    window of query chunk u holds key chunks u and u - 1 (mod n_c), i.e. a
+    difference of 0, 1 or 1 - n_c.
+    """
     count = 0
-    for r in range(chunk_q.shape[0]):
-        gap = (chunk_q[r, g, i] - chunk_k[r, g, j] + n_c) % n_c
-        if gap <= 1:
+    for r in range(q_chunks.shape[0]):
+        d = q_chunks[r] - k_chunks[r]
+        if d == 0 or d == 1 or d == 1 - n_c:
             count += 1
     return count
+
+
+@serial
+def _chunks_of(chunk_of, g, positions, out):
+    """``out[b, r] = chunk_of[r, g, positions[b]]``: a tile's chunk ids, gathered once."""
+    for b in range(out.shape[0]):
+        for r in range(out.shape[1]):
+            out[b, r] = chunk_of[r, g, positions[b]]
 
 
 @kernel
@@ -63,13 +77,13 @@ def _window_kernel(q, keys, v, perm_q, perm_k, chunk_q, chunk_k, keep, causal, o
         nq = min(N, s0 + chunk) - s0
         kpos = np.empty(2 * chunk, dtype=np.int64)
         nk = 0
-        for s in range(s0, s0 + nq):                                       # key chunk u
-            kpos[nk] = perm_k[r, g, s]
+        for t in range(s0, s0 + nq):                                       # key chunk u
+            kpos[nk] = perm_k[r, g, t]
             nk += 1
         if n_c > 1:                                                        # key chunk u - 1 (mod n_c)
             p0 = ((u + n_c - 1) % n_c) * chunk
-            for s in range(p0, min(N, p0 + chunk)):
-                kpos[nk] = perm_k[r, g, s]
+            for t in range(p0, min(N, p0 + chunk)):
+                kpos[nk] = perm_k[r, g, t]
                 nk += 1
         qt = np.empty((nq, D), dtype=q.dtype)
         kt = np.empty((nk, D), dtype=q.dtype)
@@ -81,6 +95,11 @@ def _window_kernel(q, keys, v, perm_q, perm_k, chunk_q, chunk_k, keep, causal, o
             vt[b] = v[g, kpos[b]]
         s = np.empty((nq, nk), dtype=q.dtype)
         np.dot(qt, kt.T, s)                                                # (c, 2c) scores
+        qch = np.empty((nq, R), dtype=np.int64)
+        kch = np.empty((nk, R), dtype=np.int64)
+        _chunks_of(chunk_q, g, perm_q[r, g, s0:s0 + nq], qch)
+        _chunks_of(chunk_k, g, kpos[:nk], kch)
+        log_count = np.log(np.arange(1, R + 1).astype(np.float64)).astype(q.dtype)  # log c, c = 1..R
         bits = np.empty(nk, dtype=np.int32)
         totals = np.zeros(nq, dtype=q.dtype)
         for a in range(nq):
@@ -92,14 +111,14 @@ def _window_kernel(q, keys, v, perm_q, perm_k, chunk_q, chunk_k, keep, causal, o
                 if (has_mask and not keep[g, j]) or (causal and j > i + offset):
                     s[a, b] = -np.inf
                     continue
-                count = _round_count(chunk_q, chunk_k, g, i, j, n_c)
+                count = _round_count(qch[a], kch[b], n_c)
                 share += 1.0 / count
                 if j == i:
                     seen_self = True
                     if shared:
                         s[a, b] = self_score
                 if dedup:
-                    s[a, b] -= np.log(count)
+                    s[a, b] -= log_count[count - 1]
             share_r[g, r, i] = share
             self_r[g, r, i] = seen_self
             mu = row_maximum(s[a])

@@ -110,16 +110,6 @@ class TestReformer(BackendCase):
         _, info = self.run(x, x, v, rotations=rotations, num_buckets=4, return_info=True)
         assert [b.tolist() for b in self.buckets_of(info)] == [[[[0, 1, 2, 3]]]] * 2
 
-    @pytest.mark.parametrize("num_buckets, flip", [(8, lambda h: (h + 4) % 8),
-                                                   ((4, 6), lambda h: (h % 4 + 2) % 4 + 4 * ((h // 4 + 3) % 6))])
-    def test_hash_is_scale_invariant_and_antipodes_shift_by_half(self, num_buckets, flip):
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((3, 50, 16))
-        rotations = draw_reformer_rotations(1, 2, 16, num_buckets)
-        h = hash_buckets(x, rotations, num_buckets)
-        assert (hash_buckets(3.7 * x, rotations, num_buckets) == h).all()
-        assert (hash_buckets(-x, rotations, num_buckets) == flip(h)).all()
-
     @pytest.mark.parametrize("shared_qk", [False, True])
     @pytest.mark.parametrize("causal", [False, True])
     def test_dedup_equals_softmax_over_the_union_of_windows(self, shared_qk, causal, global_random_seed):
@@ -175,20 +165,6 @@ class TestReformer(BackendCase):
         assert all(b >= a - 1e-15 for a, b in zip(masses, masses[1:]))
         assert masses[-1] > masses[0]
 
-    def test_collision_rate_falls_with_the_angle(self):
-        # 2000 draws, D=16, b=8. Collisions at angle 0 are certain and at pi impossible
-        # (h(-x) = h(x) + b/2); in between, the standard error of a rate is <= 0.011,
-        # and the measured rates (about 0.38 at pi/4, 0.10 at pi/2) are far apart.
-        rotations = draw_reformer_rotations(0, 2000, 16, 8)                         # (2000, 16, 4)
-        e0, e1 = np.eye(16)[0], np.eye(16)[1]
-        angles = [0, np.pi / 4, np.pi / 2, np.pi]
-        x = np.stack([e0] + [np.cos(a) * e0 + np.sin(a) * e1 for a in angles])[None]  # (1, 5, 16)
-        h = hash_buckets(x, rotations, 8)[:, 0]                                     # (2000, 5)
-        rates = [(h[:, 0] == h[:, 1 + t]).mean() for t in range(4)]
-        assert rates[0] == 1.0 and rates[3] == 0.0
-        assert rates[0] > rates[1] > rates[2] > rates[3]
-        assert rates[1] - rates[2] > 0.1
-
     def test_causal_rows_ignore_the_future_with_fixed_buckets(self):
         rng = np.random.default_rng(4)
         N, t = (8, 4) if self.small else (24, 11)
@@ -220,11 +196,6 @@ class TestReformer(BackendCase):
         w = np.exp(s - s.max())
         assert_close(out[0, 3], w @ v[0, :3] / w.sum(), rel=1e-12)
         assert to_host(info["self_only_rows"]).tolist() == [[True] + [False] * 5]
-
-    def test_draws_are_nested_in_the_number_of_rounds(self):
-        eight = draw_reformer_rotations(7, 8, 5, (4, 6))
-        assert eight.shape == (8, 5, 5)
-        assert (draw_reformer_rotations(7, 3, 5, (4, 6)) == eight[:3]).all()
 
     def test_default_bucket_counts_factorise_above_64(self):
         assert default_num_buckets(100, 64) == 2
@@ -432,3 +403,49 @@ def test_flops_follow_the_documented_count():
         R * (N * D * b + pairs * (2 * D + 2 * Dv + 5)))
     assert flops(N, N, D, Dv, num_hashes=R, num_buckets=b, chunk_size=c, backward=True) == (
         forward + R * pairs * (6 * D + 4 * Dv + 5))
+
+
+@pytest.mark.parametrize("num_buckets, flip", [(8, lambda h: (h + 4) % 8),
+                                               ((4, 6), lambda h: (h % 4 + 2) % 4 + 4 * ((h // 4 + 3) % 6))])
+def test_hash_is_scale_invariant_and_antipodes_shift_by_half(num_buckets, flip):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 50, 16))
+    rotations = draw_reformer_rotations(1, 2, 16, num_buckets)
+    h = hash_buckets(x, rotations, num_buckets)
+    assert (hash_buckets(3.7 * x, rotations, num_buckets) == h).all()
+    assert (hash_buckets(-x, rotations, num_buckets) == flip(h)).all()
+
+
+def test_collision_rate_falls_with_the_angle():
+    # 2000 draws, D=16, b=8. Collisions at angle 0 are certain and at pi impossible
+    # (h(-x) = h(x) + b/2); in between, the standard error of a rate is <= 0.011,
+    # and the measured rates (about 0.38 at pi/4, 0.10 at pi/2) are far apart.
+    rotations = draw_reformer_rotations(0, 2000, 16, 8)                         # (2000, 16, 4)
+    e0, e1 = np.eye(16)[0], np.eye(16)[1]
+    angles = [0, np.pi / 4, np.pi / 2, np.pi]
+    x = np.stack([e0] + [np.cos(a) * e0 + np.sin(a) * e1 for a in angles])[None]  # (1, 5, 16)
+    h = hash_buckets(x, rotations, 8)[:, 0]                                     # (2000, 5)
+    rates = [(h[:, 0] == h[:, 1 + t]).mean() for t in range(4)]
+    assert rates[0] == 1.0 and rates[3] == 0.0
+    assert rates[0] > rates[1] > rates[2] > rates[3]
+    assert rates[1] - rates[2] > 0.1
+
+
+def test_two_buckets_collide_with_probability_one_minus_angle_over_pi():
+    # b = 2 is one hyperplane: h(x) = h(y) iff sign(x.r) = sign(y.r), probability
+    # 1 - theta/pi. 4000 draws: within 4 standard errors at every angle.
+    draws = 4000
+    rotations = draw_reformer_rotations(3, draws, 8, 2)
+    angles = np.array([0.3, 1.0, 2.0, 2.8])
+    e0, e1 = np.eye(8)[0], np.eye(8)[1]
+    x = np.stack([e0] + [np.cos(a) * e0 + np.sin(a) * e1 for a in angles])[None]
+    h = hash_buckets(x, rotations, 2)[:, 0]
+    rates = (h[:, 1:] == h[:, :1]).mean(axis=0)
+    expected = 1 - angles / np.pi
+    assert (np.abs(rates - expected) <= 4 * np.sqrt(expected * (1 - expected) / draws)).all()
+
+
+def test_draws_are_nested_in_the_number_of_rounds():
+    eight = draw_reformer_rotations(7, 8, 5, (4, 6))
+    assert eight.shape == (8, 5, 5)
+    assert (draw_reformer_rotations(7, 3, 5, (4, 6)) == eight[:3]).all()

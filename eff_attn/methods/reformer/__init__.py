@@ -129,14 +129,19 @@ def hash_buckets(x, rotations, num_buckets, xp=np):
     R, D, cols = rotations.shape
     G, N = x.shape[:2]
     flat_rot = xp.moveaxis(rotations.astype(np.float64), 0, 1).reshape(D, R * cols)      # (D, R*cols)
-    proj = x.reshape(G * N, D).astype(np.float64) @ flat_rot                             # (G*N, R*cols), one GEMM
-    proj = xp.moveaxis(proj.reshape(G, N, R, cols), 2, 0)                                # (R, G, N, cols)
-    codes = xp.zeros((R, G, N), dtype=np.int64)                                          # (R, G, N)
+    proj = (x.reshape(G * N, D).astype(np.float64) @ flat_rot).reshape(G, N, R, cols)   # one GEMM
+    codes = xp.zeros((G, N, R), dtype=np.int64)                                          # (G, N, R)
     base, col = 1, 0
     for b in bucket_groups(num_buckets):
-        p = proj[..., col:col + b // 2]                                                  # (R, G, N, b/2)
-        codes += base * xp.argmax(xp.concatenate([p, -p], axis=-1), axis=-1)            # (R, G, N)
+        p = proj[..., col:col + b // 2]                                                  # (G, N, R, b/2)
+        # argmax [p; -p] without forming it: the first half wins ties, so it is
+        # argmax p when max p >= -min p, else b/2 + argmin p (first indices both).
+        hi, lo = xp.argmax(p, axis=-1), xp.argmin(p, axis=-1)                            # (G, N, R)
+        top = xp.take_along_axis(p, hi[..., None], axis=-1)[..., 0]                     # (G, N, R)
+        bottom = xp.take_along_axis(p, lo[..., None], axis=-1)[..., 0]                  # (G, N, R)
+        codes += base * xp.where(top >= -bottom, hi, b // 2 + lo)                        # (G, N, R)
         base, col = base * b, col + b // 2
+    codes = xp.ascontiguousarray(xp.moveaxis(codes, 2, 0))                               # (R, G, N)
     return codes
 
 

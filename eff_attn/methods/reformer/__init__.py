@@ -151,8 +151,9 @@ def shared_keys(q, xp=np):
     return q / xp.where(norm > 0, norm, 1)
 
 
-def assign_buckets(q, k, *, num_hashes, num_buckets, shared_qk, rotations=None, buckets=None, xp=np):
-    """Bucket ids of queries and keys for every round, hashed or replayed.
+def assign_buckets(q, k, *, num_hashes, num_buckets, shared_qk, rotations=None, buckets=None, xp=np,
+                   hash=hash_buckets):
+    """Bucket ids of queries and keys for every round, hashed (by ``hash``) or replayed.
 
     Returns
     -------
@@ -168,8 +169,8 @@ def assign_buckets(q, k, *, num_hashes, num_buckets, shared_qk, rotations=None, 
     from ..._cuda import to_xp
 
     rotations = to_xp(xp, rotations)
-    buckets_q = hash_buckets(q, rotations, num_buckets, xp)
-    return buckets_q, buckets_q if shared_qk else hash_buckets(k, rotations, num_buckets, xp)
+    buckets_q = hash(q, rotations, num_buckets, xp)
+    return buckets_q, buckets_q if shared_qk else hash(k, rotations, num_buckets, xp)
 
 
 def _check_rotations(rotations, num_hashes, D, num_buckets):

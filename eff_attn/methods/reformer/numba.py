@@ -2,11 +2,16 @@
 
 Matches :func:`eff_attn.methods.reformer.reference.reformer_reference`.
 
+Hashing
+    ``_hash_kernel``: ``prange`` over (slice, block of 64 rows); one float64
+    ``np.dot`` per tile against all rounds' rotations, then a fused
+    argmax/argmin per round and bucket factor (the same ids as
+    :func:`eff_attn.methods.reformer.hash_buckets`, ties included).
+
 Host steps (NumPy, shared with the other backends)
-    The float64 hash :func:`eff_attn.methods.reformer.hash_buckets` (one BLAS
-    product per side), the stable sort through the shared int64
-    ``key * N + index`` helper of :mod:`eff_attn._hashing`, and the chunk id
-    of every position in every round.
+    The stable sort through the shared int64 ``key * N + index`` helper of
+    :mod:`eff_attn._hashing`, and the chunk id of every position in every
+    round.
 
 Blocking
     ``_window_kernel``: ``prange`` over ``G x R x n_c`` tasks. A task owns
@@ -33,9 +38,58 @@ from numba import prange
 
 from ..._hashing import inverse_permutation, stable_key_argsort
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
-from . import SELF_SCORE, assign_buckets, shared_keys
+from . import SELF_SCORE, assign_buckets, bucket_groups, shared_keys
 
 __all__ = ["forward"]
+
+#: Rows per task of the hash kernel: a (64, D) x (D, R cols) float64 tile product.
+HASH_BLOCK = 64
+
+
+@kernel
+def _hash_kernel(x, flat_rot, groups, block, codes):
+    """Bucket ids as :func:`eff_attn.methods.reformer.hash_buckets`, one task per (slice, row block).
+
+    ``flat_rot`` (D, R * cols) holds round ``r`` in columns ``[r cols, (r+1) cols)``.
+    A task projects its rows in float64 with one ``np.dot``, then per round and
+    factor takes ``argmax [p; -p]`` as ``argmax p`` if ``max p >= -min p``,
+    else ``b/2 + argmin p`` (first indices, as the reference).
+    """
+    R, G, N = codes.shape
+    cols = flat_rot.shape[1] // R
+    n_blocks = (N + block - 1) // block
+    for task in prange(G * n_blocks):
+        g = task // n_blocks
+        i0 = (task % n_blocks) * block
+        i1 = min(N, i0 + block)
+        xb = x[g, i0:i1].astype(np.float64)                                # (B, D)
+        p = np.empty((i1 - i0, R * cols), dtype=np.float64)
+        np.dot(xb, flat_rot, p)                                            # (B, R * cols)
+        for a in range(i1 - i0):
+            for r in range(R):
+                code, base, col = 0, 1, r * cols
+                for b in groups:
+                    hi, lo = col, col
+                    for c in range(col + 1, col + b // 2):
+                        if p[a, c] > p[a, hi]:
+                            hi = c
+                        if p[a, c] < p[a, lo]:
+                            lo = c
+                    digit = hi - col if p[a, hi] >= -p[a, lo] else b // 2 + lo - col
+                    code += base * digit
+                    base *= b
+                    col += b // 2
+                codes[r, g, i0 + a] = code
+
+
+def _hash(x, rotations, num_buckets, xp=np):
+    """Host wrapper of :func:`_hash_kernel`, with the signature of ``hash_buckets``."""
+    R, D, cols = rotations.shape
+    flat_rot = np.ascontiguousarray(np.moveaxis(rotations.astype(np.float64), 0, 1).reshape(D, R * cols))
+    codes = np.empty((R, x.shape[0], x.shape[1]), dtype=np.int64)
+    with blas_single_thread():
+        _hash_kernel(x, flat_rot, np.array(bucket_groups(num_buckets), dtype=np.int64), HASH_BLOCK, codes)
+    return codes
 
 
 @serial
@@ -165,7 +219,7 @@ def forward(q, k, v, *, mask, offset, scale, num_hashes, num_buckets, chunk_size
     """Hash and sort on the host, then the window and combine kernels."""
     q, k, v = contiguous(q, k, v)
     buckets_q, buckets_k = assign_buckets(q, k, num_hashes=num_hashes, num_buckets=num_buckets,
-                                          shared_qk=shared_qk, rotations=rotations, buckets=buckets)
+                                          shared_qk=shared_qk, rotations=rotations, buckets=buckets, hash=_hash)
     keys = np.ascontiguousarray(shared_keys(q)) if shared_qk else k
     perm_q = stable_key_argsort(buckets_q)                                 # (R, G, N)
     perm_k = perm_q if shared_qk else stable_key_argsort(buckets_k)        # (R, G, N)

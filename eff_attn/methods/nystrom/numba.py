@@ -15,6 +15,9 @@ Phases
     3. ``prange`` over (slice, block of 64 queries): the (64, m) scores
        ``q~ k_hat^T``, their row softmax ``F`` and ``out = F W``.
 
+    Phases 2 and 3 are one kernel, :func:`_softmax_attend_kernel`, on
+    different operands.
+
 Memory ``O(G m (D + Dv) + G m^2)`` plus one score block per worker.
 Softmax rows use the vectorised :func:`eff_attn._jit.exp_shifted`. There is
 no backward pass here (the Impl declares ``differentiable=False``):
@@ -157,41 +160,25 @@ def _landmark_kernel(q, k, keep, mask_queries, bounds_q, bounds_k, a_q, a_k, exa
 
 
 @kernel
-def _landmark_values_kernel(k, v, keep, q_hat, valid_q, a_k, block, BV):
-    """``BV[g, t] = softmax_j(q_hat_t . k~_j) v_j`` over kept keys, 0 for invalid landmarks."""
-    G, Nk, _ = k.shape
-    m, Dv = q_hat.shape[1], v.shape[2]
-    has_mask = keep.shape[0] > 0
-    all_keys = np.ones(Nk, dtype=np.bool_)
-    n_blocks = (m + block - 1) // block
-    for task in prange(G * n_blocks):
-        g = task // n_blocks
-        t0 = (task % n_blocks) * block
-        t1 = min(m, t0 + block)
-        s = np.empty((t1 - t0, Nk), dtype=k.dtype)
-        np.dot(q_hat[g, t0:t1] * a_k, k[g].T, s)                          # (Bm, Nk) scores
-        _softmax_rows(s, valid_q[g, t0:t1], keep[g] if has_mask else all_keys, np.empty(Nk, dtype=np.int32))
-        out = np.empty((t1 - t0, Dv), dtype=k.dtype)
-        np.dot(s, v[g], out)                                               # (Bm, Dv)
-        BV[g, t0:t1] = out
+def _softmax_attend_kernel(x, keys, values, factor, row_ok, col_ok, block, out):
+    """``out[g, i] = softmax_j(factor x_i . keys_j) values_j`` over ``col_ok`` keys.
 
-
-@kernel
-def _output_kernel(q, k_hat, valid_k, W, a_q, block, out):
-    """``out[g, i] = softmax_t(q~_i . k_hat_t) W_t`` over valid key landmarks."""
-    G, Nq, _ = q.shape
-    m, Dv = k_hat.shape[1], W.shape[2]
-    every_row = np.ones(block, dtype=np.bool_)
-    n_blocks = (Nq + block - 1) // block
+    Rows with ``row_ok`` False, or with no allowed key, are 0. One task per
+    (slice, block of rows): a (block, Nk) score tile, its softmax, one product.
+    Phase 2 runs it as ``(q_hat, k, v)``, phase 3 as ``(q, k_hat, W)``.
+    """
+    G, N, _ = x.shape
+    Nk, Dv = keys.shape[1], values.shape[2]
+    n_blocks = (N + block - 1) // block
     for task in prange(G * n_blocks):
         g = task // n_blocks
         i0 = (task % n_blocks) * block
-        i1 = min(Nq, i0 + block)
-        f = np.empty((i1 - i0, m), dtype=q.dtype)
-        np.dot(q[g, i0:i1] * a_q, k_hat[g].T, f)                          # (Bq, m) scores
-        _softmax_rows(f, every_row, valid_k[g], np.empty(m, dtype=np.int32))
-        o = np.empty((i1 - i0, Dv), dtype=q.dtype)
-        np.dot(f, W[g], o)                                                 # (Bq, Dv)
+        i1 = min(N, i0 + block)
+        s = np.empty((i1 - i0, Nk), dtype=x.dtype)
+        np.dot(x[g, i0:i1] * factor, keys[g].T, s)                        # (B, Nk) scores
+        _softmax_rows(s, row_ok[g, i0:i1], col_ok[g], np.empty(Nk, dtype=np.int32))
+        o = np.empty((i1 - i0, Dv), dtype=x.dtype)
+        np.dot(s, values[g], o)                                            # (B, Dv)
         out[g, i0:i1] = o
 
 
@@ -213,8 +200,11 @@ def forward(q, k, v, *, mask, offset, scale, num_landmarks, pinv="iterative", pi
     out = np.empty((G, Nq, Dv), dtype=q.dtype)
     with blas_single_thread():
         _landmark_kernel(q, k, keep, Nq == Nk, segment_bounds(Nq, m), segment_bounds(Nk, m), a_q, a_k,
-                         pinv == "exact", float(np.finfo(q.dtype).eps), pinv_iters, q_hat, k_hat, valid_q, valid_k, Z, residual)
-        _landmark_values_kernel(k, v, keep, q_hat, valid_q, a_k, LANDMARK_BLOCK, BV)
-        W = np.ascontiguousarray(Z @ BV)                                   # (G, m, Dv)
-        _output_kernel(q, k_hat, valid_k, W, a_q, QUERY_BLOCK, out)
+                         pinv == "exact", float(np.finfo(q.dtype).eps), pinv_iters,
+                         q_hat, k_hat, valid_q, valid_k, Z, residual)
+        kept = np.ones((G, Nk), dtype=np.bool_) if mask is None else keep  # (G, Nk)
+        _softmax_attend_kernel(q_hat, k, v, a_k, valid_q, kept, LANDMARK_BLOCK, BV)          # B v
+        W = np.ascontiguousarray(Z @ BV)                                                      # (G, m, Dv)
+        _softmax_attend_kernel(q, k_hat, W, a_q, np.ones((G, Nq), dtype=np.bool_), valid_k,
+                               QUERY_BLOCK, out)                                              # F W
     return out, {"valid_q": valid_q, "valid_k": valid_k, "pinv_residual": residual}

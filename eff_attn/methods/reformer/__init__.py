@@ -152,8 +152,8 @@ def shared_keys(q, xp=np):
 
 
 def assign_buckets(q, k, *, num_hashes, num_buckets, shared_qk, rotations=None, buckets=None, xp=np,
-                   hash=hash_buckets):
-    """Bucket ids of queries and keys for every round, hashed (by ``hash``) or replayed.
+                   hash_fn=hash_buckets):
+    """Bucket ids of queries and keys for every round, hashed (by ``hash_fn``) or replayed.
 
     Returns
     -------
@@ -169,8 +169,8 @@ def assign_buckets(q, k, *, num_hashes, num_buckets, shared_qk, rotations=None, 
     from ..._cuda import to_xp
 
     rotations = to_xp(xp, rotations)
-    buckets_q = hash(q, rotations, num_buckets, xp)
-    return buckets_q, buckets_q if shared_qk else hash(k, rotations, num_buckets, xp)
+    buckets_q = hash_fn(q, rotations, num_buckets, xp)
+    return buckets_q, buckets_q if shared_qk else hash_fn(k, rotations, num_buckets, xp)
 
 
 def _check_rotations(rotations, num_hashes, D, num_buckets):

@@ -219,7 +219,7 @@ def forward(q, k, v, *, mask, offset, scale, num_hashes, num_buckets, chunk_size
     """Hash and sort on the host, then the window and combine kernels."""
     q, k, v = contiguous(q, k, v)
     buckets_q, buckets_k = assign_buckets(q, k, num_hashes=num_hashes, num_buckets=num_buckets,
-                                          shared_qk=shared_qk, rotations=rotations, buckets=buckets, hash=_hash)
+                                          shared_qk=shared_qk, rotations=rotations, buckets=buckets, hash_fn=_hash)
     keys = np.ascontiguousarray(shared_keys(q)) if shared_qk else k
     perm_q = stable_key_argsort(buckets_q)                                 # (R, G, N)
     perm_k = perm_q if shared_qk else stable_key_argsort(buckets_k)        # (R, G, N)

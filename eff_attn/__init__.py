@@ -22,6 +22,8 @@ from .methods.kdeformer import kdeformer_attention
 from .methods.local import local_attention
 from .methods.performer import performer_attention
 from .methods.routing import routing_attention
+from .methods.nystrom import nystrom_attention
+from .methods.reformer import reformer_attention
 
 __version__ = "0.1.0"
 
@@ -39,4 +41,6 @@ __all__ = [
     "local_attention",
     "performer_attention",
     "routing_attention",
+    "nystrom_attention",
+    "reformer_attention",
 ]

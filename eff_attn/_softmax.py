@@ -2,8 +2,11 @@
 
 Every method that ends in "exact softmax over some set of keys" (exact,
 local, topk_oracle, the union references of reformer and routing, ...) uses
-these two functions in its NumPy reference, so the max shift, the empty-row
-rule and the backward are written once.
+:func:`softmax_attend` and its backward in its NumPy reference, so the max
+shift, the empty-row rule and the backward are written once. Methods that need
+the attention matrix itself (Nystrom's three softmaxes) use
+:func:`masked_softmax` and :func:`masked_softmax_backward`, on which
+:func:`softmax_attend` is built.
 
 Rows with no visible key get output 0, logsumexp ``-inf`` and zero gradient;
 no ``exp(-inf + inf)`` or ``log 0`` is ever evaluated.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["safe_row_max", "safe_log", "softmax_attend", "softmax_attend_backward"]
+__all__ = ["safe_row_max", "safe_log", "masked_softmax", "masked_softmax_backward", "softmax_attend", "softmax_attend_backward"]
 
 
 def safe_row_max(scores, xp=np):
@@ -25,6 +28,49 @@ def safe_row_max(scores, xp=np):
 def safe_log(x, xp=np):
     """``log x``, with ``-inf`` for ``x == 0`` and no warning."""
     return xp.where(x > 0, xp.log(xp.where(x > 0, x, 1.0)), -xp.inf).astype(x.dtype, copy=False)
+
+
+def masked_softmax(scores, visible, xp=np):
+    """Row softmax over the visible entries, 0 elsewhere and on empty rows.
+
+    ``P_ij = exp(S_ij - mu_i) / l_i`` on visible pairs, with ``mu_i`` the row
+    max and ``l_i`` the row sum.
+
+    Parameters
+    ----------
+    scores : array of shape (..., Nq, Nk)
+    visible : bool array broadcastable to (..., Nq, Nk)
+
+    Returns
+    -------
+    P : array of shape (..., Nq, Nk)
+        Rows with nothing visible are 0.
+    lse : array of shape (..., Nq)
+        ``mu + log l``; ``-inf`` on empty rows.
+    """
+    scores = xp.where(visible, scores, -xp.inf)                             # (..., Nq, Nk)
+    mu = safe_row_max(scores, xp)                                           # (..., Nq, 1)
+    e = xp.where(visible, xp.exp(scores - mu), 0.0).astype(scores.dtype)    # (..., Nq, Nk)
+    ell = e.sum(axis=-1, keepdims=True)                                     # (..., Nq, 1)
+    P = e / xp.where(ell > 0, ell, 1.0)                                     # (..., Nq, Nk); empty rows 0
+    lse = (mu + safe_log(ell, xp))[..., 0]                                  # (..., Nq)
+    return P, lse
+
+
+def masked_softmax_backward(dP, P, xp=np):
+    """Pullback of :func:`masked_softmax`: ``dS = P * (dP - rowsum(dP * P))``.
+
+    Zero off the visible set and on empty rows, since ``P`` is zero there.
+
+    Parameters
+    ----------
+    dP, P : arrays of shape (..., Nq, Nk)
+
+    Returns
+    -------
+    dS : array of shape (..., Nq, Nk)
+    """
+    return P * (dP - (dP * P).sum(axis=-1, keepdims=True))                  # (..., Nq, Nk)
 
 
 def softmax_attend(scores, visible, v, xp=np):
@@ -49,14 +95,8 @@ def softmax_attend(scores, visible, v, xp=np):
     P : array of shape (..., Nq, Nk)
         The attention weights, for the backward.
     """
-    scores = xp.where(visible, scores, -xp.inf)                             # (..., Nq, Nk)
-    mu = safe_row_max(scores, xp)                                           # (..., Nq, 1)
-    e = xp.where(visible, xp.exp(scores - mu), 0.0).astype(scores.dtype)    # (..., Nq, Nk)
-    ell = e.sum(axis=-1, keepdims=True)                                     # (..., Nq, 1)
-    P = e / xp.where(ell > 0, ell, 1.0)                                     # (..., Nq, Nk); empty rows 0
-    out = P @ v                                                             # (..., Nq, Dv)
-    lse = (mu + safe_log(ell, xp))[..., 0]                                  # (..., Nq)
-    return out, lse, P
+    P, lse = masked_softmax(scores, visible, xp)                            # (..., Nq, Nk), (..., Nq)
+    return P @ v, lse, P                                                    # (..., Nq, Dv)
 
 
 def softmax_attend_backward(dout, out, P, v, xp=np):

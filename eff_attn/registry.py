@@ -49,6 +49,8 @@ METHOD_MODULES: dict[str, str] = {
     "local": "eff_attn.methods.local:METHOD",
     "performer": "eff_attn.methods.performer:METHOD",
     "routing": "eff_attn.methods.routing:METHOD",
+    "nystrom": "eff_attn.methods.nystrom:METHOD",
+    "reformer": "eff_attn.methods.reformer:METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

@@ -31,6 +31,7 @@ import eff_attn  # noqa: E402
 import eff_attn.dist  # noqa: E402
 from eff_attn import registry  # noqa: E402
 from eff_attn.dist.merge import merge_partials, merged_output  # noqa: E402
+from eff_attn.dist.parts import Part, split_value  # noqa: E402
 from eff_attn.methods.exact.reference import exact_naive  # noqa: E402
 from eff_attn.registry import NotSupportedError, Sharding  # noqa: E402
 from eff_attn.testing import assert_close, emulate_cupy, random_qkv  # noqa: E402
@@ -359,6 +360,23 @@ def test_an_undeclared_array_entry_is_refused(registered):
         eff_attn.dist.attention(chunked(q, (1, 1, 37, 6)), k, v, method=name, rng=0)
 
 
+def test_split_value_follows_the_declared_roles():
+    part = Part(slices=np.array([1, 3]), queries=slice(2, 5), keys=slice(0, 9))
+    x = np.arange(4 * 6 * 2).reshape(4, 6, 2)
+    assert (split_value(x, ("slice", "query"), part, G=4) == x[[1, 3], 2:5]).all()
+    assert (split_value(x, (None, "query"), part, G=4) == x[:, 2:5]).all()
+    shared = x[:1]
+    assert split_value(shared, ("slice",), part, G=4) is shared          # a length-1 slice axis is shared
+    pair = split_value((x, x + 1), ("slice",), part, G=4)
+    assert isinstance(pair, tuple) and (pair[1] == x[[1, 3]] + 1).all()
+    assert split_value(None, lambda value, part: 1 / 0, part, G=4) is None
+    assert split_value({"a": 5}, lambda value, part: (value["a"], part.queries.start), part, G=4) == (5, 2)
+    with pytest.raises(ValueError, match="length 4 on axis 0, not G=5"):
+        split_value(x, ("slice",), part, G=5)
+    with pytest.raises(ValueError, match="unknown axis role 'keys'"):
+        split_value(x, ("keys",), part, G=4)
+
+
 def test_sharding_defaults_are_the_conservative_ones():
     s = Sharding()
     assert s.split == {} and s.shared == () and s.reads_data is True and s.queries is False
@@ -480,6 +498,22 @@ def test_host_arrays_and_sequences_without_leading_axes_are_accepted():
     out = eff_attn.dist.attention(chunked(q, (4, 6)), k, v, mask=mask, backend="numpy")
     assert out.chunks == ((4, 4, 1), (5,))
     assert_close(out.compute(scheduler="sync"), eff_attn.attention(q, k, v, mask=mask, backend="numpy"), rel=1e-12)
+
+
+def test_the_example_runs_on_a_given_cluster(client, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
+    spec = importlib.util.spec_from_file_location("eff_attn_example_distributed", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--address", client.scheduler.address, "--n", "48", "--heads", "2", "--d", "8",
+                           "--q-chunk", "20", "--k-chunk", "16", "--causal", "--backend", "numpy", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert result.shape == (1, 2, 48, 8)
+    difference = float(out.split("single-machine call: ")[1].split()[0])
+    assert difference < 1e-5
 
 
 def test_importing_eff_attn_does_not_import_dask():

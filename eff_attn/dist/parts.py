@@ -78,6 +78,7 @@ def split_value(value, axes, part: Part, G: int):
     Parameters
     ----------
     value : array, tuple or list of arrays, None, or any object
+        None stays None.
     axes : tuple of {"slice", "query", None}, or callable
         The roles of ``value``'s leading axes, or ``axes(value, part) -> value``.
     part : Part
@@ -85,10 +86,10 @@ def split_value(value, axes, part: Part, G: int):
         Slices of the whole call; a ``"slice"`` axis has length ``G`` or 1
         (shared by every slice).
     """
-    if callable(axes):
-        return axes(value, part)
     if value is None:
         return None
+    if callable(axes):
+        return axes(value, part)
     if isinstance(value, (tuple, list)):
         return type(value)(split_value(v, axes, part, G) for v in value)
     xp = array_module(value)

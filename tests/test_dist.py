@@ -431,7 +431,11 @@ def test_a_failed_task_is_retried_without_a_wrong_result(client, registered, tmp
     assert_close(result, eff_attn.attention(q, k, v, mask=mask, causal=True, backend="numpy"), rel=1e-12)
 
 
-def test_a_worker_that_dies_mid_run_is_replaced_without_a_wrong_result(registered, tmp_path):
+def test_a_worker_that_dies_mid_run_is_replaced_without_a_wrong_result(registered, tmp_path, monkeypatch):
+    # Worker processes start with this process's sys.path; a folder holding a module named
+    # distributed.py (examples/) placed before site-packages would shadow the dask
+    # distributed package there.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not os.path.isfile(os.path.join(p or ".", "distributed.py"))])
     name = registered(flaky_method("crashing_exact"))
     q, k, v, mask = problem(seed=14, batch=(2, 2), Nq=24, Nk=24)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \

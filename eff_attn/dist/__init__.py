@@ -122,6 +122,7 @@ def attention(q, k, v, *, method="exact", backend="auto", mask=None, causal=Fals
         raise NotSupportedError("eff_attn.dist.attention returns the output only; return_info is not supported")
     split_every = check_int("split_every", split_every, minimum=2)
     m = get_method(method)
+    # 1. Validate on the client, as the single-machine call would, and choose the chunks.
     arrays = {name: _as_dask(x, name) for name, x in (("q", q), ("k", k), ("v", v), ("mask", mask))}
     meta = _meta_problem(arrays, causal=causal, scale=scale)
     q, k, v, mask = arrays["q"], arrays["k"], arrays["v"], arrays["mask"]
@@ -129,7 +130,7 @@ def attention(q, k, v, *, method="exact", backend="auto", mask=None, causal=Fals
     like = array_module(meta.q).empty((0,) * (len(meta.batch_shape) + 2), dtype=meta.q.dtype)
     out_chunks = (*lead_chunks, q.chunks[-2], (meta.Dv,))
 
-    if m.sharding is None:
+    if m.sharding is None:                                                   # undeclared: one task, whole call
         warnings.warn(f"method {m.name!r} declares no Method.sharding, so eff_attn.dist runs it as one task "
                       "(correct, not parallel)", UserWarning, stacklevel=2)
         whole = [_single_block(x) for x in (q, k, v, mask)]
@@ -144,6 +145,8 @@ def attention(q, k, v, *, method="exact", backend="auto", mask=None, causal=Fals
     k_bounds = _bounds(k.chunks[-2] if sharding.key_blocks is not None else (meta.Nk,))
     key_blocks = len(k_bounds) > 1
 
+    # 2. Resolve, choose the backend and draw once, for the whole problem: here, or in one
+    #    task that sees all the data when the method's resolve/draw read it.
     if _decide(sharding.reads_data, meta, params):
         whole = [_single_block(x) for x in (q, k, v, mask)]
         shared = dask.delayed(prepare_on_data, pure=False)(
@@ -154,6 +157,8 @@ def attention(q, k, v, *, method="exact", backend="auto", mask=None, causal=Fals
         prepared = prepare(m, meta, backend=backend, rng=rng, params=params)
         check_declared(m, prepared.kwargs)
 
+    # 3. One task per (leading block, query block, visible key block); a merge tree per
+    #    (leading block, query block) when the keys are split.
     q_sizes = tuple(b - a for a, b in q_bounds)
     k_sizes = tuple(b - a for a, b in k_bounds)
     blocks = {

@@ -20,6 +20,7 @@ from . import _backend
 __all__ = [
     "Impl",
     "Method",
+    "Sharding",
     "NotSupportedError",
     "METHOD_MODULES",
     "method_names",
@@ -98,6 +99,71 @@ class Impl:
         return self.module
 
 
+#: Roles a :class:`Sharding` declaration gives to the leading axes of an array:
+#: the flattened (batch, head) axis ``G`` and the query axis ``Nq``.
+SHARD_ROLES = ("slice", "query", None)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How :mod:`eff_attn.dist` may split one call of a method into tasks.
+
+    ``eff_attn.dist`` resolves the parameters and draws the randomness once,
+    for the whole problem, so that a distributed call equals the
+    single-machine call at the same seed; then each task receives its part.
+    This record says what a part is. A method without one (``None``) runs
+    as one task, correct but not parallel. See CONTRIBUTING.md,
+    "Distributed execution".
+
+    The backend contract already makes the (batch, head) slices independent:
+    slice ``g`` of the output depends only on slice ``g`` of the inputs and
+    on the ``g``-th entries of the per-slice arrays named in ``split``.
+
+    Parameters
+    ----------
+    split : dict, default={}
+        Entries of the resolved parameters or of the draw (by keyword) that
+        hold per-slice or per-query data: ``name -> axes``, a tuple giving
+        the role of the array's leading axes in order, ``"slice"`` (the
+        flattened ``G`` axis; a length-1 axis is shared by every slice),
+        ``"query"`` (the ``Nq`` axis) or ``None`` (kept whole). A tuple or
+        list value has each element split alike. For an object, give a
+        callable ``split(value, part) -> value`` instead, where
+        ``part.slices`` (int64, C-order indices into ``G``) and
+        ``part.queries`` (a ``slice``) say what the task holds.
+    shared : tuple of str, default=()
+        Entries every task receives whole: a learned state, a draw shared by
+        all slices. An array or object entry named in neither ``split`` nor
+        ``shared`` is refused with :class:`NotSupportedError`; plain values
+        (None, bool, numbers, str and tuples of them) are always shared.
+    reads_data : bool or callable, default=True
+        Whether ``resolve`` or ``draw`` read the values of q, k, v or mask
+        (not only their shapes). Then both run in one task that sees the
+        whole inputs (correct, but that task gathers them). A callable
+        ``reads_data(problem, params) -> bool`` gets the call's
+        :class:`~eff_attn._validate.Problem` (shapes, ``causal``, ``scale``;
+        its arrays hold no data) and the user's method parameters.
+    queries : bool or callable, default=False
+        Each output row depends only on its own query, all keys and the
+        resolved/drawn entries, so the query axis may be split (a task gets
+        the causal offset of its query block). A callable as for
+        ``reads_data``.
+    key_blocks : callable, optional
+        For an output that is a normalised positive weighting of the values,
+        ``out_i = sum_j w_ij v_j / sum_j w_ij`` (softmax, uniform):
+        ``key_blocks(problem, params, res) -> (G, Nq)``, the log of
+        ``sum_j w_ij`` over the task's keys (``-inf`` for a row that sees
+        none), from the backend's residuals ``res``. The key axis may then
+        be split into blocks, merged exactly by the online-softmax merge.
+    """
+
+    split: dict = field(default_factory=dict)
+    shared: tuple = ()
+    reads_data: bool | Callable[[Any, dict], bool] = True
+    queries: bool | Callable[[Any, dict], bool] = False
+    key_blocks: Callable[[Any, dict, dict], Any] | None = None
+
+
 @dataclass(frozen=True)
 class Method:
     """Everything the dispatcher needs to know about one attention method.
@@ -127,6 +193,9 @@ class Method:
         cheapest first. Each dict is a set of keyword arguments.
     budget_name : str
         The parameter the sweep varies, for table headers and plots.
+    sharding : Sharding, optional
+        How :mod:`eff_attn.dist` splits a call into tasks; ``None`` runs the
+        whole call as one task.
     """
 
     name: str
@@ -139,6 +208,7 @@ class Method:
     budgets: tuple[dict, ...] = ({},)
     budget_name: str = ""
     extra: dict = field(default_factory=dict)
+    sharding: Sharding | None = None
 
     @property
     def randomized(self) -> bool:

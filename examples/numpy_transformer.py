@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import erf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/minilm.py
+sys.path.append(str(Path(__file__).resolve().parent))  # examples/minilm.py; appended, so that
+# examples/distributed.py does not shadow the dask `distributed` package
 
 import eff_attn  # noqa: E402
 from minilm import CONFIG, load_weights, tokenize  # noqa: E402

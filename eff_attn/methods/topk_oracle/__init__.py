@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ... import masks
 from ..._validate import check_int
-from ...registry import Impl, Method
+from ...registry import Impl, Method, Sharding
 
 __all__ = ["topk_oracle_attention", "flops", "resolve", "METHOD", "DEFAULT_TOPK", "QUERY_BLOCK"]
 
@@ -58,6 +58,7 @@ METHOD = Method(
     ),
     budgets=({"topk": 8}, {"topk": 32}, {"topk": 128}),
     budget_name="topk",
+    sharding=Sharding(reads_data=False, queries=True),
 )
 
 

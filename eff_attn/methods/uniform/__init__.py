@@ -8,7 +8,7 @@ See ``docs/methods/baselines.md``.
 from __future__ import annotations
 
 from ... import masks
-from ...registry import Impl, Method
+from ...registry import Impl, Method, Sharding
 
 __all__ = ["uniform_attention", "flops", "resolve", "METHOD"]
 
@@ -33,6 +33,19 @@ def info(problem, params, res) -> dict:
     return {"keys_per_query": problem.xp.broadcast_to(counts, (problem.G, problem.Nq)).mean()}
 
 
+def log_normalizer(problem, params, res):
+    """``log |V_i|`` over the call's keys, ``(G, Nq)``, ``-inf`` for a row that sees none.
+
+    Uniform attention is softmax attention with every score 0, so key blocks
+    merge like exact attention's with this in place of the logsumexp (eff_attn.dist).
+    """
+    xp = problem.xp
+    counts = masks.visible_counts(problem.mask, problem.offset, problem.Nq, problem.Nk, xp)
+    counts = xp.broadcast_to(counts, (problem.G, problem.Nq))                  # (G, Nq)
+    seen = counts > 0
+    return xp.where(seen, xp.log(xp.maximum(counts, 1)), -xp.inf).astype(problem.q.dtype)
+
+
 METHOD = Method(
     name="uniform",
     summary="mean of the visible values (benchmark normaliser)",
@@ -44,6 +57,7 @@ METHOD = Method(
         Impl("numba", "eff_attn.methods.uniform.numba"),
         Impl("cupy", "eff_attn.methods.uniform.cupy"),
     ),
+    sharding=Sharding(reads_data=False, queries=True, key_blocks=log_normalizer),
 )
 
 

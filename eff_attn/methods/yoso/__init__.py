@@ -28,7 +28,7 @@ from ... import interop, masks
 from ..._hashing import MAX_CODE_BITS, sign_bit_codes
 from ..._validate import check_array_shape, check_bool, check_choice, check_float, check_int
 from ...random import as_generator, random_signs
-from ...registry import Impl, Method, NotSupportedError
+from ...registry import Impl, Method, NotSupportedError, Sharding
 
 __all__ = [
     "yoso_attention",
@@ -532,6 +532,14 @@ METHOD = Method(
     ),
     budgets=({"num_hashes": 8}, {"num_hashes": 16}, {"num_hashes": 32}, {"num_hashes": 64}),
     budget_name="num_hashes",
+    # eff_attn.dist: hyperplanes (drawn or given) and given codes are per slice (a length-1 axis is
+    # shared); a query's output needs only its own codes and every key's table, so queries may split.
+    sharding=Sharding(
+        split={"hyperplanes": ("slice",), "q_codes": ("slice", "query"), "k_codes": ("slice",)},
+        shared=("given_hyperplanes",),
+        reads_data=False,
+        queries=True,
+    ),
 )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..._validate import check_choice, check_int
 from ...random import as_generator
-from ...registry import Impl, Method, NotSupportedError
+from ...registry import Impl, Method, NotSupportedError, Sharding
 from ._common import (
     ORDERS,
     PROBS,
@@ -279,6 +279,11 @@ def _not_causal(problem, params):
     return []
 
 
+
+def _kdeformer_reads_data(problem, params) -> bool:
+    """Injected sample indices were drawn for these data."""
+    return params.get("sample_idx") is not None
+
 METHOD = Method(
     name="kdeformer",
     summary="LSH-sorted exact diagonal blocks plus importance-sampled keys (inference only)",
@@ -296,6 +301,7 @@ METHOD = Method(
     ),
     budgets=tuple({"block_size": f // 2, "num_samples": f} for f in (32, 64, 128, 256)),
     budget_name="num_samples",
+    sharding=Sharding(split={n: ("slice",) for n in ("hyperplanes", "uniforms", "q_codes", "k_codes", "sample_idx")}, reads_data=_kdeformer_reads_data),
 )
 
 

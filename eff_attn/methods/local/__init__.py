@@ -20,7 +20,7 @@ import numpy as np
 
 from ... import masks
 from ..._validate import check_int
-from ...registry import Impl, Method
+from ...registry import Impl, Method, Sharding
 
 __all__ = [
     "local_attention",
@@ -165,6 +165,7 @@ METHOD = Method(
     ),
     budgets=({"window": 16}, {"window": 32}, {"window": 64}, {"window": 128}, {"window": 256}),
     budget_name="window",
+    sharding=Sharding(reads_data=False),
 )
 
 

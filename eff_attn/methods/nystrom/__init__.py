@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from ...registry import Impl, Method, NotSupportedError
+from ...registry import Impl, Method, NotSupportedError, Sharding
 from ..._validate import check_choice, check_int
 
 __all__ = ["nystrom_attention", "flops", "resolve", "segment_bounds", "input_scales", "METHOD",
@@ -116,6 +116,7 @@ METHOD = Method(
     ),
     budgets=({"num_landmarks": 8}, {"num_landmarks": 16}, {"num_landmarks": 32}, {"num_landmarks": 64}),
     budget_name="num_landmarks",
+    sharding=Sharding(reads_data=False),
 )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from ... import interop, masks
 from ..._validate import check_bool, check_choice, check_float, check_int
 from ...random import as_generator, orthogonal_gaussian
-from ...registry import Impl, Method
+from ...registry import Impl, Method, Sharding
 
 __all__ = [
     "performer_attention",
@@ -249,6 +249,11 @@ def info(problem, params, res) -> dict:
     }
 
 
+
+def _performer_queries_independent(problem, params) -> bool:
+    """Non-causal queries read only the shared key state; causal ones need the prefix scan."""
+    return not problem.causal
+
 METHOD = Method(
     name="performer",
     summary="FAVOR+ positive random features (linear attention, unbiased softmax kernel)",
@@ -263,6 +268,7 @@ METHOD = Method(
     ),
     budgets=tuple({"num_features": m} for m in (32, 64, 128, 256, 512)),
     budget_name="num_features",
+    sharding=Sharding(split={"features": ("slice",)}, reads_data=False, queries=_performer_queries_independent),
 )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..._validate import check_bool, check_int
 from ...random import as_generator
-from ...registry import Impl, Method, NotSupportedError
+from ...registry import Impl, Method, NotSupportedError, Sharding
 
 __all__ = [
     "reformer_attention",
@@ -323,6 +323,11 @@ def info(problem, params, res) -> dict:
     }
 
 
+
+def _reformer_reads_data(problem, params) -> bool:
+    """Shared-QK hashing normalises the queries, so its draw depends on the data."""
+    return bool(params.get("shared_qk"))
+
 METHOD = Method(
     name="reformer",
     summary="LSH attention: angular hashing, sorted chunks, rounds combined by logsumexp",
@@ -337,6 +342,7 @@ METHOD = Method(
     ),
     budgets=({"num_hashes": 1}, {"num_hashes": 2}, {"num_hashes": 4}, {"num_hashes": 8}),
     budget_name="num_hashes",
+    sharding=Sharding(split={"buckets": (None, "slice")}, shared=("rotations",), reads_data=_reformer_reads_data),
 )
 
 

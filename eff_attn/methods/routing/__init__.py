@@ -27,7 +27,7 @@ import numpy as np
 
 from ... import masks
 from ..._validate import check_bool, check_choice, check_inputs, check_int
-from ...registry import Impl, Method
+from ...registry import Impl, Method, Sharding
 from ...testing import to_host
 from .kmeans import (
     COMMITMENT_BETA,
@@ -364,6 +364,16 @@ def _cupy_reasons(problem, params) -> list[str]:
     return reasons
 
 
+
+def _routing_plan_part(plan, part):
+    """The routing plan of the slices a distributed task owns."""
+    return plan.map_arrays(lambda a, t: a[part.slices])
+
+
+def _routing_reads_data(problem, params) -> bool:
+    """Without a state, the centroids are fitted to the data."""
+    return params.get("state") is None
+
 METHOD = Method(
     name="routing",
     summary="Routing Transformer: online spherical k-means clusters, softmax within each cluster",
@@ -378,6 +388,7 @@ METHOD = Method(
     ),
     budgets=({"num_clusters": 64}, {"num_clusters": 32}, {"num_clusters": 16}, {"num_clusters": 8}),
     budget_name="num_clusters",
+    sharding=Sharding(split={"head_of": ("slice",), "plan": _routing_plan_part}, shared=("state", "centroids"), reads_data=_routing_reads_data),
 )
 
 

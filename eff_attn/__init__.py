@@ -17,6 +17,7 @@ from .registry import NotSupportedError, method_names
 from .methods.exact import exact_attention
 from .methods.uniform import uniform_attention
 from .methods.topk_oracle import topk_oracle_attention
+from .methods.treeformer import treeformer_tc_attention, treeformer_tf_attention
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,6 @@ __all__ = [
     "exact_attention",
     "uniform_attention",
     "topk_oracle_attention",
+    "treeformer_tf_attention",
+    "treeformer_tc_attention",
 ]

@@ -38,7 +38,7 @@ import numpy as np
 from numba import prange
 
 from ..._hashing import segment_offsets, stable_key_argsort
-from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum
+from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
 from . import _common
 
 __all__ = ["forward", "backward", "TF_BLOCK_Q", "TF_BLOCK_K", "TC_BLOCK_Q"]
@@ -168,9 +168,35 @@ def _tf_forward_kernel(qs, ks, vs, perm_q, perm_k, off_q, off_k, task_cell, task
                 out[g, i] = 0
 
 
+@serial
+def _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, delta, causal, offset, scale):
+    """``P`` and ``dS = P (dP - delta)`` of sorted queries ``[p0, p1)`` against sorted keys ``[j0, j1)`` of one leaf.
+
+    ``P = exp(s q . k - lse)`` on the causally visible pairs, 0 elsewhere and on empty rows.
+    """
+    rows, cols = p1 - p0, j1 - j0
+    p = np.empty((rows, cols), dtype=qs.dtype)                             # scores, then P
+    ds = np.empty((rows, cols), dtype=qs.dtype)                            # dP, then dS
+    np.dot(qs[g, p0:p1] * scale, ks[g, j0:j1].T, p)
+    np.dot(dos[g, p0:p1], vs[g, j0:j1].T, ds)
+    bits = np.empty(cols, dtype=np.int32)
+    for r in range(rows):
+        i = perm_q[g, p0 + r]
+        if causal:
+            p[r, np.searchsorted(perm_k[g, j0:j1], i + offset, side="right"):] = -np.inf
+        if lse[g, i] == -np.inf:
+            p[r, :] = 0
+        else:
+            exp_shifted(p[r], lse[g, i], bits)
+        for col in range(cols):
+            ds[r, col] = p[r, col] * (ds[r, col] - delta[g, i])
+    return p, ds
+
+
 @kernel
 def _tf_backward_q_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_cell, task_block,
                           lse, delta, causal, offset, scale, block_q, dq):
+    """``dq = s dS k`` per (slice, leaf, query block) task."""
     G, Nq, D = qs.shape
     L = off_q.shape[1] - 2
     for task in prange(task_cell.shape[0]):
@@ -182,36 +208,22 @@ def _tf_backward_q_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_ce
         j0, j1 = off_k[g, leaf], off_k[g, leaf + 1]
         if causal:
             j1 = j0 + np.searchsorted(perm_k[g, j0:j1], perm_q[g, p1 - 1] + offset, side="right")
-        bq, c = p1 - p0, j1 - j0
-        if c == 0:
-            for r in range(bq):
+        if j1 == j0:
+            for r in range(p1 - p0):
                 dq[g, perm_q[g, p0 + r]] = 0
             continue
-        qb = qs[g, p0:p1] * scale                                          # (Bq, D)
-        p = np.empty((bq, c), dtype=qs.dtype)                              # (Bq, c) scores, then P
-        ds = np.empty((bq, c), dtype=qs.dtype)                             # (Bq, c) dP, then dS
-        np.dot(qb, ks[g, j0:j1].T, p)
-        np.dot(dos[g, p0:p1], vs[g, j0:j1].T, ds)
-        bits = np.empty(c, dtype=np.int32)
-        for r in range(bq):
-            i = perm_q[g, p0 + r]
-            if causal:
-                p[r, np.searchsorted(perm_k[g, j0:j1], i + offset, side="right"):] = -np.inf
-            if lse[g, i] == -np.inf:
-                p[r, :] = 0
-            else:
-                exp_shifted(p[r], lse[g, i], bits)
-            for col in range(c):
-                ds[r, col] = p[r, col] * (ds[r, col] - delta[g, i])
-        dqb = np.empty((bq, D), dtype=qs.dtype)
+        _, ds = _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, delta, causal, offset,
+                                scale)
+        dqb = np.empty((p1 - p0, D), dtype=qs.dtype)
         np.dot(ds, ks[g, j0:j1], dqb)                                      # (Bq, D)
-        for r in range(bq):
+        for r in range(p1 - p0):
             dq[g, perm_q[g, p0 + r]] = dqb[r] * scale
 
 
 @kernel
 def _tf_backward_kv_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_cell, task_block,
                            lse, delta, causal, offset, scale, block_k, dk, dv):
+    """``dv = P^T dO`` and ``dk = s dS^T q`` per (slice, leaf, key block) task."""
     G, Nq, D = qs.shape
     Dv = vs.shape[2]
     L = off_q.shape[1] - 2
@@ -224,34 +236,19 @@ def _tf_backward_kv_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_c
         p0, p1 = off_q[g, leaf], off_q[g, leaf + 1]
         if causal:  # queries before the block's first key position see none of it
             p0 = p0 + np.searchsorted(perm_q[g, p0:p1], perm_k[g, j0] - offset, side="left")
-        a, bk = p1 - p0, j1 - j0
-        if a == 0:
-            for col in range(bk):
+        if p1 == p0:
+            for col in range(j1 - j0):
                 dk[g, perm_k[g, j0 + col]] = 0
                 dv[g, perm_k[g, j0 + col]] = 0
             continue
-        qa = qs[g, p0:p1] * scale                                          # (a, D)
-        p = np.empty((a, bk), dtype=qs.dtype)                              # (a, Bk) scores, then P
-        ds = np.empty((a, bk), dtype=qs.dtype)                             # (a, Bk) dP, then dS
-        np.dot(qa, ks[g, j0:j1].T, p)
-        np.dot(dos[g, p0:p1], vs[g, j0:j1].T, ds)
-        bits = np.empty(bk, dtype=np.int32)
-        for r in range(a):
-            i = perm_q[g, p0 + r]
-            if causal:
-                p[r, np.searchsorted(perm_k[g, j0:j1], i + offset, side="right"):] = -np.inf
-            if lse[g, i] == -np.inf:
-                p[r, :] = 0
-            else:
-                exp_shifted(p[r], lse[g, i], bits)
-            for col in range(bk):
-                ds[r, col] = p[r, col] * (ds[r, col] - delta[g, i])
-        dvb = np.empty((bk, Dv), dtype=qs.dtype)
-        dkb = np.empty((bk, D), dtype=qs.dtype)
+        p, ds = _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, delta, causal, offset,
+                                scale)
+        dvb = np.empty((j1 - j0, Dv), dtype=qs.dtype)
+        dkb = np.empty((j1 - j0, D), dtype=qs.dtype)
         np.dot(p.T, dos[g, p0:p1], dvb)                                    # (Bk, Dv)
-        np.dot(ds.T, qa, dkb)                                              # (Bk, D), already scaled by s
-        for col in range(bk):
-            dk[g, perm_k[g, j0 + col]] = dkb[col]
+        np.dot(ds.T, qs[g, p0:p1], dkb)                                    # (Bk, D)
+        for col in range(j1 - j0):
+            dk[g, perm_k[g, j0 + col]] = dkb[col] * scale
             dv[g, perm_k[g, j0 + col]] = dvb[col]
 
 

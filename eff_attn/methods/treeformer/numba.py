@@ -43,8 +43,9 @@ from . import _common
 
 __all__ = ["forward", "backward", "TF_BLOCK_Q", "TF_BLOCK_K", "TC_BLOCK_Q"]
 
-#: Queries per TF task: one (Bq, c_l) score tile per task.
-TF_BLOCK_Q = 32
+#: Queries per TF task: one (Bq, c_l) score tile per task. With the default ~64 keys per
+#: leaf, a whole leaf is one task, and a (64 x 64 x 64) tile stays on OpenBLAS's small-matrix path.
+TF_BLOCK_Q = 64
 #: Keys per task in the TF key-gradient pass.
 TF_BLOCK_K = 64
 #: Queries per TC task.
@@ -91,8 +92,23 @@ def _sort_by_leaf(leaf, num_leaves):
     return np.ascontiguousarray(perm), offsets
 
 
+@kernel
+def _gather_rows_kernel(x, perm, out):
+    """``out[g, p] = x[g, perm[g, p]]``."""
+    G, N = perm.shape
+    for task in prange(G * N):
+        g = task // N
+        p = task - g * N
+        i = perm[g, p]
+        for d in range(x.shape[2]):
+            out[g, p, d] = x[g, i, d]
+
+
 def _gather(x, perm):
-    return np.ascontiguousarray(np.take_along_axis(x, perm[..., None], axis=1))
+    """Rows of each slice in the sorted order, (G, N, D), C-contiguous."""
+    out = np.empty_like(x)
+    _gather_rows_kernel(x, perm, out)
+    return out
 
 
 def _tasks(blocks):
@@ -318,12 +334,14 @@ def _tc_leaf_sums_kernel(k, v, perm_k, off_k, node_k, node_v, counts):
         g = cell // L
         leaf = cell - g * L
         m = internal + leaf
-        node_k[g, m] = 0
-        node_v[g, m] = 0
+        node_k[g, m, :] = 0
+        node_v[g, m, :] = 0
         for p in range(off_k[g, leaf], off_k[g, leaf + 1]):
             j = perm_k[g, p]
-            node_k[g, m] += k[g, j]
-            node_v[g, m] += v[g, j]
+            for d in range(k.shape[2]):
+                node_k[g, m, d] += k[g, j, d]
+            for d in range(v.shape[2]):
+                node_v[g, m, d] += v[g, j, d]
         counts[g, m] = off_k[g, leaf + 1] - off_k[g, leaf]
 
 
@@ -334,9 +352,20 @@ def _tc_bottom_up_kernel(node_k, node_v, counts):
     internal = (node_k.shape[1] - 1) // 2
     for g in prange(G):
         for m in range(internal - 1, -1, -1):
-            node_k[g, m] = node_k[g, 2 * m + 1] + node_k[g, 2 * m + 2]
-            node_v[g, m] = node_v[g, 2 * m + 1] + node_v[g, 2 * m + 2]
+            for d in range(node_k.shape[2]):
+                node_k[g, m, d] = node_k[g, 2 * m + 1, d] + node_k[g, 2 * m + 2, d]
+            for d in range(node_v.shape[2]):
+                node_v[g, m, d] = node_v[g, 2 * m + 1, d] + node_v[g, 2 * m + 2, d]
             counts[g, m] = counts[g, 2 * m + 1] + counts[g, 2 * m + 2]
+
+
+@serial
+def _dot(a, b):
+    """``a . b`` of two 1-D rows, accumulated in their dtype."""
+    acc = a[0] * b[0]
+    for d in range(1, a.shape[0]):
+        acc += a[d] * b[d]
+    return acc
 
 
 @kernel
@@ -344,38 +373,37 @@ def _tc_forward_kernel(q, kbar, vbar, counts, leaf_q, height, scale, block_q, ou
                        alpha_leaf):
     """Softmax of ``s q_i . kbar_m`` over the non-empty nodes ``m`` of query ``i``'s path."""
     G, Nq, D = q.shape
+    Dv = vbar.shape[2]
     n_blocks = (Nq + block_q - 1) // block_q
     for task in prange(G * n_blocks):
         g = task // n_blocks
         i0 = (task - g * n_blocks) * block_q
-        sc = np.empty(height + 1, dtype=q.dtype)
+        sc = np.empty(height + 1, dtype=q.dtype)                          # scores, then weights
+        node = np.empty(height + 1, dtype=np.int64)
         for i in range(i0, min(Nq, i0 + block_q)):
             leaf = leaf_q[g, i]
             mu = -np.inf
             for t in range(height + 1):
-                m = (1 << t) - 1 + (leaf >> (height - t))
-                if counts[g, m] > 0:
-                    sc[t] = scale * np.dot(q[g, i], kbar[g, m])
-                    mu = max(mu, sc[t])
-            out[g, i] = 0
-            if mu == -np.inf:
+                node[t] = (1 << t) - 1 + (leaf >> (height - t))
+                sc[t] = scale * _dot(q[g, i], kbar[g, node[t]]) if counts[g, node[t]] > 0 else -np.inf
+                mu = max(mu, sc[t])
+            out[g, i, :] = 0
+            if mu == -np.inf:                                              # the slice has no kept key
                 lse[g, i] = -np.inf
                 path_len[g, i] = 0
                 alpha_root[g, i] = 0
                 alpha_leaf[g, i] = 0
                 continue
-            total = 0.0
+            total = sc[0] * 0
             n = 0
             for t in range(height + 1):
-                if counts[g, (1 << t) - 1 + (leaf >> (height - t))] > 0:
-                    sc[t] = np.exp(sc[t] - mu)
-                    total += sc[t]
-                    n += 1
-                else:
-                    sc[t] = 0
+                n += counts[g, node[t]] > 0
+                sc[t] = np.exp(sc[t] - mu)                                 # 0 for empty nodes
+                total += sc[t]
             for t in range(height + 1):
-                if sc[t] > 0:
-                    out[g, i] += (sc[t] / total) * vbar[g, (1 << t) - 1 + (leaf >> (height - t))]
+                weight = sc[t] / total
+                for d in range(Dv):
+                    out[g, i, d] += weight * vbar[g, node[t], d]
             lse[g, i] = mu + np.log(total)
             path_len[g, i] = n
             alpha_root[g, i] = sc[0] / total
@@ -423,18 +451,19 @@ def _tc_backward_q_kernel(q, dout, out, kbar, vbar, counts, leaf_q, lse, height,
         i0 = (task - g * n_blocks) * block_q
         for i in range(i0, min(Nq, i0 + block_q)):
             leaf = leaf_q[g, i]
-            delta = np.dot(dout[g, i], out[g, i])
-            dq[g, i] = 0
+            delta = _dot(dout[g, i], out[g, i])
+            dq[g, i, :] = 0
             for t in range(height + 1):
                 m = (1 << t) - 1 + (leaf >> (height - t))
                 if counts[g, m] == 0 or lse[g, i] == -np.inf:
                     alpha[g, i, t] = 0
                     beta[g, i, t] = 0
                     continue
-                a = np.exp(scale * np.dot(q[g, i], kbar[g, m]) - lse[g, i])
+                a = np.exp(scale * _dot(q[g, i], kbar[g, m]) - lse[g, i])
                 alpha[g, i, t] = a
-                beta[g, i, t] = a * (np.dot(dout[g, i], vbar[g, m]) - delta)
-                dq[g, i] += (scale * beta[g, i, t]) * kbar[g, m]
+                beta[g, i, t] = a * (_dot(dout[g, i], vbar[g, m]) - delta)
+                for d in range(D):
+                    dq[g, i, d] += scale * beta[g, i, t] * kbar[g, m, d]
 
 
 @kernel
@@ -449,16 +478,20 @@ def _tc_node_grads_kernel(q, dout, alpha, beta, perm_q, off_q, counts, height, s
             t += 1
         first_leaf = (m - ((1 << t) - 1)) << (height - t)
         last_leaf = first_leaf + (1 << (height - t))
-        dkbar[g, m] = 0
-        dvbar[g, m] = 0
+        dkbar[g, m, :] = 0
+        dvbar[g, m, :] = 0
         if counts[g, m] == 0:
             continue
         for p in range(off_q[g, first_leaf], off_q[g, last_leaf]):
             i = perm_q[g, p]
-            dkbar[g, m] += beta[g, i, t] * q[g, i]
-            dvbar[g, m] += alpha[g, i, t] * dout[g, i]
-        dkbar[g, m] *= scale / counts[g, m]
-        dvbar[g, m] *= 1.0 / counts[g, m]
+            for d in range(q.shape[2]):
+                dkbar[g, m, d] += beta[g, i, t] * q[g, i, d]
+            for d in range(dout.shape[2]):
+                dvbar[g, m, d] += alpha[g, i, t] * dout[g, i, d]
+        for d in range(q.shape[2]):
+            dkbar[g, m, d] *= scale / counts[g, m]
+        for d in range(dout.shape[2]):
+            dvbar[g, m, d] /= counts[g, m]
 
 
 @kernel
@@ -468,15 +501,17 @@ def _tc_key_grads_kernel(leaf_k, dkbar, dvbar, height, dk, dv):
     for p in prange(G * Nk):
         g = p // Nk
         j = p - g * Nk
-        dk[g, j] = 0
-        dv[g, j] = 0
+        dk[g, j, :] = 0
+        dv[g, j, :] = 0
         leaf = leaf_k[g, j]
         if leaf < 0:
             continue
         for t in range(height + 1):
             m = (1 << t) - 1 + (leaf >> (height - t))
-            dk[g, j] += dkbar[g, m]
-            dv[g, j] += dvbar[g, m]
+            for d in range(dk.shape[2]):
+                dk[g, j, d] += dkbar[g, m, d]
+            for d in range(dv.shape[2]):
+                dv[g, j, d] += dvbar[g, m, d]
 
 
 def _tc_backward(dout, q, k, v, out, res, scale, height):

@@ -942,3 +942,20 @@ def test_fit_shows_a_progress_bar(capsys):
     tfm.fit_tree(tfm.init_tree_pca(q, k, 1), q, k, v, steps=3, progress=True)
     captured = capsys.readouterr()
     assert "fit_tree" in captured.out + captured.err
+
+
+def test_tree_init_fit_chooses_its_tree_on_held_out_queries_reproducibly():
+    rng = np.random.default_rng(12)
+    q, k, v = random_qkv(rng, batch=(1,), Nq=300, Nk=150, D=4, Dv=2)
+    kwargs = dict(method="treeformer_tc", backend="numpy", height=2, tree_init="fit", return_info=True)
+    _, info = eff_attn.attention(q, k, v, rng=3, **kwargs)
+    _, again = eff_attn.attention(q, k, v, rng=3, **kwargs)
+    history = info["fit_history"]
+    assert len(history.loss) == len(history.holdout_loss) == tfm.FIT_STEPS + 1
+    assert history.best_index == int(np.argmin(history.holdout_loss))
+    assert np.array_equal(info["state"].w, again["state"].w)
+    # The start is the call's pca_median tree, scored on the second sample of 128 rows drawn by rng.
+    rows = np.sort(np.random.default_rng(3).permutation(300)[128:256])
+    pca = eff_attn.attention(q, k, v, method="treeformer_tc", backend="numpy", height=2)[0, rows]
+    exact = dense_attention(q, k, v, True)[0][0, rows]
+    assert history.holdout_loss[0] == pytest.approx(np.sum((pca - exact) ** 2) / np.sum(exact**2), rel=1e-10)

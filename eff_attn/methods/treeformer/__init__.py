@@ -48,6 +48,7 @@ from .state import (
     init_tree,
     init_tree_pca,
     path_nodes,
+    pool_slices,
     route,
     split_sign_matrix,
     tree_index,
@@ -84,17 +85,17 @@ __all__ = [
     "TREE_INITS",
     "FIT_STEPS",
     "FIT_MAX_QUERIES",
-    "FIT_MAX_KEYS",
 ]
 
 #: How a call with ``state=None`` builds its tree.
 TREE_INITS = ("pca_median", "random", "fit")
 #: ``tree_init="fit"``: Adam steps of :func:`fit_tree` on the call's own inputs.
-FIT_STEPS = 100
-#: ``tree_init="fit"`` fits on at most this many queries and keys per slice, drawn with ``rng``
-#: (all of them when there are fewer): the fit costs ``O(Nq Nk (D + Dv))`` per step.
-FIT_MAX_QUERIES = 256
-FIT_MAX_KEYS = 512
+FIT_STEPS = 50
+#: ``tree_init="fit"`` fits on at most this many queries per slice against every key (a TF step
+#: costs ``O(n_q Nk (D + Dv))``; sampling keys instead would change the target rows). With more
+#: queries than this, it draws two disjoint samples of this size with ``rng``: one to fit on, one
+#: to choose the returned tree by its loss (a tree fitted on few queries overfits them).
+FIT_MAX_QUERIES = 128
 
 _TC_CAUSAL = (
     "treeformer_tc: causal=True is not supported: TC attends to node centroids averaging keys from all "
@@ -129,41 +130,51 @@ def resolve_tc(problem, *, state=None, height=None, tree_init=None) -> dict:
     return _resolve("tc", problem, state, height, tree_init)
 
 
-def _sample(gen, n, cap):
-    """Sorted indices of at most ``cap`` of ``n`` positions: all of them, or a draw without replacement."""
-    if n <= cap:
-        return np.arange(n)
-    return np.sort(gen.choice(n, size=cap, replace=False))
+def _fit_rows(rng, Nq):
+    """Query rows to fit on and to select by: all rows and none, or two disjoint sorted samples drawn with ``rng``."""
+    if Nq <= FIT_MAX_QUERIES:
+        return np.arange(Nq), None
+    order = as_generator(rng).permutation(Nq)
+    return np.sort(order[:FIT_MAX_QUERIES]), np.sort(order[FIT_MAX_QUERIES:2 * FIT_MAX_QUERIES])
+
+
+def _fit_data(problem, q_all, k, v, keep, rows):
+    """:class:`FitData` of the queries ``rows`` against every key, target exact attention."""
+    q = q_all[:, rows]                                                       # (G, nq, D)
+    visible = keep[:, None, :]                                               # (G, 1, Nk)
+    if problem.causal:                                                       # the rows' own positions
+        visible = visible & (np.arange(problem.Nk)[None, None, :] <= rows[None, :, None] + problem.offset)
+    target, _, _ = softmax_attend(problem.scale * (q @ np.swapaxes(k, -1, -2)), visible, v)
+    G = problem.G
+    return FitData(q, k, v, keep, visible, target, np.arange(G), G, problem.scale, problem.causal)
 
 
 def _fit_for_call(problem, params, rng):
-    """``tree_init="fit"``: PCA-median start, then :func:`fit_tree` on (a sample of) the call's inputs."""
-    gen = as_generator(rng)
-    rows = _sample(gen, problem.Nq, FIT_MAX_QUERIES)                         # (nq,)
-    cols = _sample(gen, problem.Nk, FIT_MAX_KEYS)                            # (nk,)
-    q = host(problem.q)[:, rows].astype(np.float64)                          # (G, nq, D)
-    k = host(problem.k)[:, cols].astype(np.float64)                          # (G, nk, D)
-    v = host(problem.v)[:, cols].astype(np.float64)                          # (G, nk, Dv)
-    keep = np.ones(k.shape[:2], dtype=bool) if problem.mask is None else host(problem.mask)[:, cols]
-    visible = keep[:, None, :]                                               # (G, 1, nk)
-    if problem.causal:                                                       # positions of the sample
-        visible = visible & (cols[None, None, :] <= rows[None, :, None] + problem.offset)
-    scale = problem.scale
-    target, _, _ = softmax_attend(scale * (q @ np.swapaxes(k, -1, -2)), visible, v)
+    """``tree_init="fit"``: the PCA-median tree, then :func:`fit_tree` on sampled queries of the call's inputs.
+
+    The start tree and the median re-centring use every query and kept key.
+    The loss and its gradient use at most ``FIT_MAX_QUERIES`` sampled queries
+    per slice against every key; with more queries than that, a second,
+    disjoint sample chooses the returned tree.
+    """
+    q_all, k, v = (host(a).astype(np.float64) for a in (problem.q, problem.k, problem.v))   # (G, N, .)
+    keep = np.ones(k.shape[:2], dtype=bool) if problem.mask is None else host(problem.mask)
+    fit_rows, select_rows = _fit_rows(rng, problem.Nq)
     G = problem.G
-    start = init_tree_pca(problem.unflatten(q), problem.unflatten(k), params["height"],
+    start = init_tree_pca(problem.unflatten(q_all), problem.unflatten(k), params["height"],
                           mask=problem.unflatten(keep), tree_shape=problem.batch_shape)
-    data = FitData(q, k, v, keep, visible, target, np.arange(G), G, scale, problem.causal)
-    return fit_on_data(start, data, variant=params["variant"], steps=FIT_STEPS, lr=0.05, temperature=1.0,
-                       ste_window=1.0, recenter=True, progress=False, label="tree_init='fit'")
+    holdout = None if select_rows is None else _fit_data(problem, q_all, k, v, keep, select_rows)
+    return fit_on_data(start, _fit_data(problem, q_all, k, v, keep, fit_rows), variant=params["variant"],
+                       steps=FIT_STEPS, lr=0.05, temperature=1.0, ste_window=1.0, recenter=True, progress=False,
+                       label="tree_init='fit'", points=pool_slices(q_all, k, keep, np.arange(G), G), holdout=holdout)
 
 
 def draw(rng, problem, params) -> dict:
     """The call's tree, bound to its slices: the given state, or one built per leading index.
 
     ``rng`` is used only by ``tree_init="random"`` (the split directions) and
-    ``tree_init="fit"`` (which queries and keys the fit samples, when there
-    are more than ``FIT_MAX_QUERIES`` / ``FIT_MAX_KEYS``).
+    ``tree_init="fit"`` (which queries the fit samples, when there are more
+    than ``FIT_MAX_QUERIES``).
     """
     state = params["state"]
     if state is not None:
@@ -309,9 +320,9 @@ def treeformer_tf_attention(q, k, v, *, backend="auto", mask=None, causal=False,
         Default ``1/sqrt(D)``.
     rng : None, int or Generator
         Used only when the call builds the tree: by ``tree_init="random"``
-        (split directions) and ``tree_init="fit"`` (which queries and keys
-        the fit samples when there are more than 256 / 512). Must be None
-        with ``state=``.
+        (split directions) and ``tree_init="fit"`` (which queries the fit
+        samples, when there are more than 128). Must be None with
+        ``state=``.
     return_info : bool, default=False
     state : TreeformerState, optional
         The tree. Its tree shape broadcasts right-aligned against the
@@ -328,10 +339,13 @@ def treeformer_tf_attention(q, k, v, *, backend="auto", mask=None, causal=False,
         its points along their top principal direction: balanced and
         data-adapted, but *not trained*. ``"random"`` draws unit directions
         with ``rng`` and centres them on the medians. ``"fit"`` starts from
-        ``"pca_median"`` and runs ``fit_tree`` for 100 steps against exact
-        attention on the call's own inputs (at most 256 queries and 512 keys
-        per slice, sampled with ``rng``): a trained tree, fitted
-        transductively, whose fitting cost is not part of the attention.
+        ``"pca_median"`` and runs ``fit_tree`` for 50 steps against exact
+        attention on the call's own inputs: the loss uses at most 128
+        queries per slice against all keys, and with more queries a second
+        sample of 128 picks the returned tree (both drawn with ``rng``); the
+        splits stay centred on all points. A trained tree, fitted on the
+        inputs it then approximates, whose fitting cost is not part of the
+        attention.
         ``info["state_source"]`` says which one ran.
 
     Returns
@@ -385,9 +399,9 @@ def treeformer_tc_attention(q, k, v, *, backend="auto", mask=None, causal=False,
         Default ``1/sqrt(D)``.
     rng : None, int or Generator
         Used only when the call builds the tree: by ``tree_init="random"``
-        (split directions) and ``tree_init="fit"`` (which queries and keys
-        the fit samples when there are more than 256 / 512). Must be None
-        with ``state=``.
+        (split directions) and ``tree_init="fit"`` (which queries the fit
+        samples, when there are more than 128). Must be None with
+        ``state=``.
     return_info : bool, default=False
     state : TreeformerState, optional
         The tree. Its tree shape broadcasts right-aligned against the
@@ -404,10 +418,13 @@ def treeformer_tc_attention(q, k, v, *, backend="auto", mask=None, causal=False,
         its points along their top principal direction: balanced and
         data-adapted, but *not trained*. ``"random"`` draws unit directions
         with ``rng`` and centres them on the medians. ``"fit"`` starts from
-        ``"pca_median"`` and runs ``fit_tree`` for 100 steps against exact
-        attention on the call's own inputs (at most 256 queries and 512 keys
-        per slice, sampled with ``rng``): a trained tree, fitted
-        transductively, whose fitting cost is not part of the attention.
+        ``"pca_median"`` and runs ``fit_tree`` for 50 steps against exact
+        attention on the call's own inputs: the loss uses at most 128
+        queries per slice against all keys, and with more queries a second
+        sample of 128 picks the returned tree (both drawn with ``rng``); the
+        splits stay centred on all points. A trained tree, fitted on the
+        inputs it then approximates, whose fitting cost is not part of the
+        attention.
         ``info["state_source"]`` says which one ran.
 
     Returns

@@ -78,14 +78,18 @@ class FitHistory:
         (the start tree first, the final tree last).
     best_index : int
         Index in ``loss`` of the returned tree (the lowest loss seen in the
-        last phase).
+        last phase, or the lowest ``holdout_loss`` when there is one).
     phases : tuple of (height, variant, start, stop)
         The slice ``loss[start:stop]`` that each phase evaluated.
+    holdout_loss : ndarray of shape (n,) or None
+        The same trees' loss on held-out queries, when the fit selected by
+        it (``tree_init="fit"`` does).
     """
 
     loss: np.ndarray
     best_index: int
     phases: tuple
+    holdout_loss: np.ndarray | None = None
 
     @property
     def best_loss(self) -> float:
@@ -255,23 +259,35 @@ def leaf_gradients(q, k, v, leaf_q, leaf_k, dout, *, variant, height, scale, vis
     g_q : ndarray of shape (G, Nq, L)
     g_k : ndarray of shape (G, Nk, L)
     """
-    L = 2**height
     if variant == "tf":
         visible = np.ones((1, 1, 1), dtype=bool) if visible is None else visible
         visible = visible & (leaf_k >= 0)[..., None, :]                     # (G, Nq, Nk) kept and visible
         out, lse, _, allowed = tf_attention(q, k, v, leaf_q, leaf_k, visible, scale)
-        scores = scale * (q @ np.swapaxes(k, -1, -2))                       # (G, Nq, Nk)
-        empty = ~allowed.any(axis=-1)                                       # (G, Nq)
-        _, lse_all, _ = softmax_attend(scores, visible, v)                  # (G, Nq) over all visible keys
-        Lam = _finite(np.where(empty, lse_all, lse))[..., None]             # (G, Nq, 1)
-        delta = np.where(empty, 0.0, (dout * out).sum(axis=-1))[..., None]  # (G, Nq, 1)
-        E = np.where(visible, np.exp(np.minimum(scores - Lam, EXP_CLIP)), 0.0)  # (G, Nq, Nk)
-        dM = E * (dout @ np.swapaxes(v, -1, -2) - delta)                    # (G, Nq, Nk)
-        Pq = one_hot_leaves(leaf_q, L)                                      # (G, Nq, L)
-        Pk = one_hot_leaves(leaf_k, L)                                      # (G, Nk, L)
-        return dM @ Pk, np.swapaxes(dM, -1, -2) @ Pq                        # (G, Nq, L), (G, Nk, L)
-    A = ancestor_matrix(height)                                             # (2L-1, L)
+        return _tf_leaf_gradients(q, k, v, leaf_q, leaf_k, visible, scale, dout, out, lse, allowed, height)
     out, lse, P, nodes = tc_attention(q, k, v, leaf_q, leaf_k, height, scale)
+    return _tc_leaf_gradients(q, k, v, leaf_q, leaf_k, scale, dout, out, lse, P, nodes, height)
+
+
+def _tf_leaf_gradients(q, k, v, leaf_q, leaf_k, visible, scale, dout, out, lse, allowed, height):
+    """TF's ``(g^q, g^k)`` from the routed forward's ``out``, ``lse`` and allowed pairs."""
+    L = 2**height
+    scores = scale * (q @ np.swapaxes(k, -1, -2))                           # (G, Nq, Nk)
+    empty = ~allowed.any(axis=-1)                                           # (G, Nq)
+    Lam = lse                                                               # (G, Nq)
+    if empty.any():                                                         # empty rows: over all visible keys
+        Lam = np.where(empty, softmax_attend(scores, visible, v)[1], lse)
+    Lam = _finite(Lam)[..., None]                                           # (G, Nq, 1)
+    delta = np.where(empty, 0.0, (dout * out).sum(axis=-1))[..., None]      # (G, Nq, 1)
+    E = np.where(visible, np.exp(np.minimum(scores - Lam, EXP_CLIP)), 0.0)  # (G, Nq, Nk)
+    dM = E * (dout @ np.swapaxes(v, -1, -2) - delta)                        # (G, Nq, Nk)
+    Pq = one_hot_leaves(leaf_q, L)                                          # (G, Nq, L)
+    Pk = one_hot_leaves(leaf_k, L)                                          # (G, Nk, L)
+    return dM @ Pk, np.swapaxes(dM, -1, -2) @ Pq                            # (G, Nq, L), (G, Nk, L)
+
+
+def _tc_leaf_gradients(q, k, v, leaf_q, leaf_k, scale, dout, out, lse, P, nodes, height):
+    """TC's ``(g^q, g^k)`` from the routed forward's ``out``, ``lse``, weights and node means."""
+    A = ancestor_matrix(height)                                             # (2L-1, L)
     counts, kbar, vbar = nodes["counts"], nodes["kbar"], nodes["vbar"]
     nonempty = (counts > 0)[..., None, :]                                   # (G, 1, 2L-1)
     scores = scale * (q @ np.swapaxes(kbar, -1, -2))                        # (G, Nq, 2L-1)
@@ -336,27 +352,26 @@ def surrogate_gradients(data: FitData, w, b, g_q, g_k, *, height, temperature, s
 # --- the objective --------------------------------------------------------------------------
 
 
-def _routed_output(data: FitData, w, b, height, variant):
+def _objective(data: FitData, w, b, height, variant, *, need_grad, temperature=1.0, ste_window=1.0):
+    """The loss ``||O - O*||^2 / ||O*||^2`` and, if asked, the surrogate ``(dw, db)``; one routed forward."""
     leaf_q = route_slices(data.q, w, b, data.owner, height)                 # (G, Nq)
     leaf_k = route_slices(data.k, w, b, data.owner, height, keep=data.keep)  # (G, Nk)
     if variant == "tf":
-        out = tf_attention(data.q, data.k, data.v, leaf_q, leaf_k, data.visible, data.scale)[0]
+        out, lse, _, allowed = tf_attention(data.q, data.k, data.v, leaf_q, leaf_k, data.visible, data.scale)
     else:
-        out = tc_attention(data.q, data.k, data.v, leaf_q, leaf_k, height, data.scale)[0]
-    return out, leaf_q, leaf_k
-
-
-def _objective(data: FitData, w, b, height, variant, *, need_grad, temperature=1.0, ste_window=1.0):
-    """The loss ``||O - O*||^2 / ||O*||^2`` and, if asked, the surrogate ``(dw, db)``."""
-    out, leaf_q, leaf_k = _routed_output(data, w, b, height, variant)
+        out, lse, P, nodes = tc_attention(data.q, data.k, data.v, leaf_q, leaf_k, height, data.scale)
     norm = max(float((data.target**2).sum()), LOSS_FLOOR)
     diff = out - data.target                                                # (G, Nq, Dv)
     loss = float((diff**2).sum()) / norm
     if not need_grad:
         return loss, None
     dout = 2.0 * diff / norm                                                # (G, Nq, Dv)
-    g_q, g_k = leaf_gradients(data.q, data.k, data.v, leaf_q, leaf_k, dout, variant=variant, height=height,
-                              scale=data.scale, visible=data.visible)
+    if variant == "tf":
+        g_q, g_k = _tf_leaf_gradients(data.q, data.k, data.v, leaf_q, leaf_k, data.visible, data.scale, dout, out,
+                                      lse, allowed, height)
+    else:
+        g_q, g_k = _tc_leaf_gradients(data.q, data.k, data.v, leaf_q, leaf_k, data.scale, dout, out, lse, P, nodes,
+                                      height)
     dw, db, _, _ = surrogate_gradients(data, w, b, g_q, g_k, height=height, temperature=temperature,
                                        ste_window=ste_window)
     return loss, (dw, db)
@@ -415,17 +430,24 @@ def _progress(enabled: bool):
 
 
 def fit_on_data(tree: TreeformerState, data: FitData, *, variant, steps, lr, temperature, ste_window, recenter,
-                progress, label="fit_tree"):
-    """The fitting loop on flattened data (internal); see :func:`fit_tree`."""
+                progress, label="fit_tree", points=None, holdout=None):
+    """The fitting loop on flattened data (internal); see :func:`fit_tree`.
+
+    ``points`` (one (n_t, D) array per tree) are re-centred on; default the
+    queries and kept keys of ``data``. With ``holdout`` (a second
+    :class:`FitData`), every evaluated tree is also scored there, and the
+    returned tree is the one with the lowest held-out loss.
+    """
     h = tree.height
     w, b = (a.copy() for a in tree.flat())
-    points = pool_slices(data.q, data.k, data.keep, data.owner, data.num_trees)
+    if points is None:
+        points = pool_slices(data.q, data.k, data.keep, data.owner, data.num_trees)
     _normalise(w, b, scale_bias=not recenter)
     if recenter:
         recentre(points, w, b, h)
     steps = steps if h > 0 else 0
     adam_w, adam_b = _Adam(w.shape, lr), _Adam(b.shape, lr)
-    losses = []
+    losses, held_out = [], []
     best = (math.inf, 0, w.copy(), b.copy())
     with _progress(progress) as bar, _blas_single_thread():
         task = bar.add_task(f"{label} (h={h}, {variant})", total=steps, loss=math.nan)
@@ -433,8 +455,12 @@ def fit_on_data(tree: TreeformerState, data: FitData, *, variant, steps, lr, tem
             loss, grads = _objective(data, w, b, h, variant, need_grad=step < steps, temperature=temperature,
                                      ste_window=ste_window)
             losses.append(loss)
-            if loss < best[0]:
-                best = (loss, step, w.copy(), b.copy())
+            score = loss
+            if holdout is not None:
+                score = _objective(holdout, w, b, h, variant, need_grad=False)[0]
+                held_out.append(score)
+            if score < best[0]:
+                best = (score, step, w.copy(), b.copy())
             if step == steps:
                 break
             dw, db = grads
@@ -448,7 +474,8 @@ def fit_on_data(tree: TreeformerState, data: FitData, *, variant, steps, lr, tem
     _, best_index, w, b = best
     T = tree.tree_shape
     fitted = TreeformerState(w.reshape(*T, *w.shape[1:]), b.reshape(*T, *b.shape[1:]), h)
-    history = FitHistory(np.array(losses), best_index, ((h, variant, 0, len(losses)),))
+    history = FitHistory(np.array(losses), best_index, ((h, variant, 0, len(losses)),),
+                         None if holdout is None else np.array(held_out))
     return fitted, history
 
 

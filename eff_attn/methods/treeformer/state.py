@@ -59,6 +59,10 @@ DEFAULT_LEAF_KEYS = 64
 class TreeformerState:
     """A complete binary tree with oblique (hyperplane) splits.
 
+    ``T`` (``tree_shape``) is ``()`` for one tree shared by every (batch,
+    head) slice, or e.g. ``(H,)`` for one tree per head; it broadcasts
+    right-aligned against the inputs' leading axes.
+
     Parameters
     ----------
     w : ndarray of shape (*T, I, D)
@@ -68,10 +72,6 @@ class TreeformerState:
         Split offsets.
     height : int
         ``0 <= height <= 20``.
-
-    ``T`` (:attr:`tree_shape`) is ``()`` for one tree shared by every
-    (batch, head) slice, or e.g. ``(H,)`` for one tree per head; it
-    broadcasts right-aligned against the inputs' leading axes.
 
     Raises
     ------

@@ -131,21 +131,48 @@ def _keep(mask):
 # --- TF -------------------------------------------------------------------------------------
 
 
+@serial
+def _query_block(cell, block, block_q, off_q, off_k, perm_q, perm_k, causal, offset):
+    """Slice ``g``, sorted query range ``[p0, p1)`` of a TF task and the key range ``[j0, j1)`` it may see.
+
+    ``cell = g * L + leaf``; the queries are block ``block`` of the leaf's. Causal: keys after
+    the block's last position are cut (a leaf's keys are in position order).
+    """
+    L = off_q.shape[1] - 2
+    g = cell // L
+    leaf = cell - g * L
+    p0 = off_q[g, leaf] + block * block_q
+    p1 = min(off_q[g, leaf + 1], p0 + block_q)
+    j0, j1 = off_k[g, leaf], off_k[g, leaf + 1]
+    if causal:
+        j1 = j0 + np.searchsorted(perm_k[g, j0:j1], perm_q[g, p1 - 1] + offset, side="right")
+    return g, p0, p1, j0, j1
+
+
+@serial
+def _key_block(cell, block, block_k, off_q, off_k, perm_q, perm_k, causal, offset):
+    """Slice ``g``, sorted key range ``[j0, j1)`` of a TF key-gradient task and the queries ``[p0, p1)`` that see it.
+
+    Causal: queries before the block's first key position see none of it.
+    """
+    L = off_q.shape[1] - 2
+    g = cell // L
+    leaf = cell - g * L
+    j0 = off_k[g, leaf] + block * block_k
+    j1 = min(off_k[g, leaf + 1], j0 + block_k)
+    p0, p1 = off_q[g, leaf], off_q[g, leaf + 1]
+    if causal:
+        p0 = p0 + np.searchsorted(perm_q[g, p0:p1], perm_k[g, j0] - offset, side="left")
+    return g, j0, j1, p0, p1
+
+
 @kernel
 def _tf_forward_kernel(qs, ks, vs, perm_q, perm_k, off_q, off_k, task_cell, task_block,
                        causal, offset, scale, block_q, out, lse, keys_per_row):
-    G, Nq, D = qs.shape
     Dv = vs.shape[2]
-    L = off_q.shape[1] - 2
     for task in prange(task_cell.shape[0]):
-        cell = task_cell[task]
-        g = cell // L
-        leaf = cell - g * L
-        p0 = off_q[g, leaf] + task_block[task] * block_q
-        p1 = min(off_q[g, leaf + 1], p0 + block_q)
-        j0, j1 = off_k[g, leaf], off_k[g, leaf + 1]
-        if causal:  # keys after the block's last position are invisible to all its rows
-            j1 = j0 + np.searchsorted(perm_k[g, j0:j1], perm_q[g, p1 - 1] + offset, side="right")
+        g, p0, p1, j0, j1 = _query_block(task_cell[task], task_block[task], block_q, off_q, off_k, perm_q, perm_k,
+                                         causal, offset)
         bq, c = p1 - p0, j1 - j0
         if c == 0:
             for r in range(bq):
@@ -213,17 +240,10 @@ def _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, del
 def _tf_backward_q_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_cell, task_block,
                           lse, delta, causal, offset, scale, block_q, dq):
     """``dq = s dS k`` per (slice, leaf, query block) task."""
-    G, Nq, D = qs.shape
-    L = off_q.shape[1] - 2
+    D = qs.shape[2]
     for task in prange(task_cell.shape[0]):
-        cell = task_cell[task]
-        g = cell // L
-        leaf = cell - g * L
-        p0 = off_q[g, leaf] + task_block[task] * block_q
-        p1 = min(off_q[g, leaf + 1], p0 + block_q)
-        j0, j1 = off_k[g, leaf], off_k[g, leaf + 1]
-        if causal:
-            j1 = j0 + np.searchsorted(perm_k[g, j0:j1], perm_q[g, p1 - 1] + offset, side="right")
+        g, p0, p1, j0, j1 = _query_block(task_cell[task], task_block[task], block_q, off_q, off_k, perm_q, perm_k,
+                                         causal, offset)
         if j1 == j0:
             for r in range(p1 - p0):
                 dq[g, perm_q[g, p0 + r]] = 0
@@ -240,18 +260,10 @@ def _tf_backward_q_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_ce
 def _tf_backward_kv_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_cell, task_block,
                            lse, delta, causal, offset, scale, block_k, dk, dv):
     """``dv = P^T dO`` and ``dk = s dS^T q`` per (slice, leaf, key block) task."""
-    G, Nq, D = qs.shape
-    Dv = vs.shape[2]
-    L = off_q.shape[1] - 2
+    D, Dv = qs.shape[2], vs.shape[2]
     for task in prange(task_cell.shape[0]):
-        cell = task_cell[task]
-        g = cell // L
-        leaf = cell - g * L
-        j0 = off_k[g, leaf] + task_block[task] * block_k
-        j1 = min(off_k[g, leaf + 1], j0 + block_k)
-        p0, p1 = off_q[g, leaf], off_q[g, leaf + 1]
-        if causal:  # queries before the block's first key position see none of it
-            p0 = p0 + np.searchsorted(perm_q[g, p0:p1], perm_k[g, j0] - offset, side="left")
+        g, j0, j1, p0, p1 = _key_block(task_cell[task], task_block[task], block_k, off_q, off_k, perm_q, perm_k,
+                                       causal, offset)
         if p1 == p0:
             for col in range(j1 - j0):
                 dk[g, perm_k[g, j0 + col]] = 0

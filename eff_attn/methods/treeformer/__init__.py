@@ -26,7 +26,7 @@ from ..._softmax import softmax_attend
 from ..._validate import check_choice, check_int
 from ...random import as_generator
 from ...registry import Impl, Method, NotSupportedError
-from ._common import flops_tc, flops_tf, node_counts_from_leaves
+from ._common import TC_CAUSAL_MESSAGE, flops_tc, flops_tf, node_counts_from_leaves
 from .fit import (
     FitData,
     FitHistory,
@@ -97,15 +97,9 @@ FIT_STEPS = 50
 #: to choose the returned tree by its loss (a tree fitted on few queries overfits them).
 FIT_MAX_QUERIES = 128
 
-_TC_CAUSAL = (
-    "treeformer_tc: causal=True is not supported: TC attends to node centroids averaging keys from all "
-    "positions; no prefix-aggregate version is defined"
-)
-
-
 def _resolve(variant, problem, state, height, tree_init) -> dict:
     if variant == "tc" and problem.causal:
-        raise NotSupportedError(_TC_CAUSAL)
+        raise NotSupportedError(TC_CAUSAL_MESSAGE)
     if state is not None:
         check_tree_dim(state, problem.D)
         tree_index(state.tree_shape, problem.batch_shape)

@@ -24,7 +24,13 @@ from ..._validate import check_int
 from ...registry import NotSupportedError
 from .state import MAX_HEIGHT, default_height
 
-__all__ = ["flops_tf", "flops_tc", "node_counts_from_leaves", "leaf_counts", "finish_res"]
+__all__ = ["flops_tf", "flops_tc", "node_counts_from_leaves", "leaf_counts", "finish_res", "TC_CAUSAL_MESSAGE"]
+
+#: Why ``treeformer_tc`` refuses ``causal=True`` (the call, ``flops_tc`` and ``fit_tree`` say the same).
+TC_CAUSAL_MESSAGE = (
+    "treeformer_tc: causal=True is not supported: TC attends to node centroids averaging keys from all "
+    "positions; no prefix-aggregate version is defined"
+)
 
 
 def _pair_cost(D, Dv):
@@ -102,7 +108,7 @@ def flops_tc(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, heigh
     (the path gathers of ``dk``, ``dv`` and the per-node divisions).
     """
     if masks.causal_offset(causal, Nq, Nk) is not None:
-        raise NotSupportedError("treeformer_tc: causal=True is not supported, so it has no FLOP count")
+        raise NotSupportedError(TC_CAUSAL_MESSAGE)
     Dv = D if Dv is None else Dv
     h = _height(height, Nk)
     L = 2**h

@@ -37,6 +37,7 @@ from ..._softmax import softmax_attend, softmax_attend_backward
 from ..._validate import check_bool, check_choice, check_float, check_int
 from ...masks import causal_offset, visible_pairs
 from ...registry import NotSupportedError
+from ._common import TC_CAUSAL_MESSAGE
 from .reference import route_slices, tc_attention, tf_attention
 from .state import (
     MAX_HEIGHT,
@@ -189,20 +190,22 @@ def _flatten(tree, q, k, v, mask):
     return flat(q, q.shape[-2:]), flat(k, k.shape[-2:]), flat(v, v.shape[-2:]), keep, lead
 
 
-def make_fit_data(tree, q, k, v, *, mask=None, causal=False, scale=None, target=None, variant="tf"):
-    """Validate and flatten a fit's inputs (internal; used by :func:`fit_tree` and :func:`tree_vjp`)."""
+def make_fit_data(tree, q, k, v, *, mask=None, causal=False, scale=None, target=None, variant="tf", with_target=True):
+    """Validate and flatten a fit's inputs (internal; used by :func:`fit_tree` and :func:`tree_vjp`).
+
+    ``with_target=False`` leaves ``target`` None (:func:`tree_vjp` has ``dout`` instead).
+    """
     variant = check_choice("variant", variant, VARIANTS)
     qf, kf, vf, keep, lead = _flatten(tree, q, k, v, mask)
     Nq, Nk = qf.shape[1], kf.shape[1]
     offset = causal_offset(causal, Nq, Nk)
     if offset is not None and variant == "tc":
-        raise NotSupportedError(
-            "treeformer_tc: causal=True is not supported: TC attends to node centroids averaging keys from all "
-            "positions; no prefix-aggregate version is defined"
-        )
+        raise NotSupportedError(TC_CAUSAL_MESSAGE)
     scale = 1.0 / math.sqrt(qf.shape[-1]) if scale is None else check_float("scale", scale)
     visible = visible_pairs(keep, offset, Nq, Nk)                           # (G, Nq, Nk)
-    if target is None:
+    if not with_target:
+        target = None
+    elif target is None:
         target, _, _ = softmax_attend(scale * (qf @ np.swapaxes(kf, -1, -2)), visible, vf)
     else:
         target = _float64("target", target)
@@ -638,7 +641,8 @@ def tree_vjp(q, k, v, tree, dout, *, variant, mask=None, causal=False, scale=Non
     """
     check_float("temperature", temperature, minimum=0.0, open_min=True)
     check_float("ste_window", ste_window, minimum=0.0, open_min=True)
-    data, lead = make_fit_data(tree, q, k, v, mask=mask, causal=causal, scale=scale, target=None, variant=variant)
+    data, lead = make_fit_data(tree, q, k, v, mask=mask, causal=causal, scale=scale, variant=variant,
+                               with_target=False)
     dout = _float64("dout", dout)
     G, Nq, Dv = data.q.shape[0], data.q.shape[1], data.v.shape[2]
     if dout.shape[-2:] != (Nq, Dv):

@@ -24,6 +24,7 @@ from .methods.performer import performer_attention
 from .methods.routing import routing_attention
 from .methods.nystrom import nystrom_attention
 from .methods.reformer import reformer_attention
+from .methods.treeformer import treeformer_tc_attention, treeformer_tf_attention
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,6 @@ __all__ = [
     "routing_attention",
     "nystrom_attention",
     "reformer_attention",
+    "treeformer_tf_attention",
+    "treeformer_tc_attention",
 ]

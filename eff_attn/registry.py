@@ -52,6 +52,8 @@ METHOD_MODULES: dict[str, str] = {
     "routing": "eff_attn.methods.routing:METHOD",
     "nystrom": "eff_attn.methods.nystrom:METHOD",
     "reformer": "eff_attn.methods.reformer:METHOD",
+    "treeformer_tf": "eff_attn.methods.treeformer:TF_METHOD",
+    "treeformer_tc": "eff_attn.methods.treeformer:TC_METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

@@ -18,6 +18,8 @@ the splits; an untrained tree approximates exact attention poorly. See
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ... import masks
@@ -25,7 +27,7 @@ from ..._cuda import host
 from ..._softmax import softmax_attend
 from ..._validate import check_choice, check_int
 from ...random import as_generator
-from ...registry import Impl, Method, NotSupportedError
+from ...registry import Impl, Method, NotSupportedError, Sharding
 from ._common import TC_CAUSAL_MESSAGE, flops_tc, flops_tf, node_counts_from_leaves
 from .fit import (
     FitData,
@@ -257,6 +259,21 @@ def _impls(supports_causal: bool):
     )
 
 
+
+def _tree_part(tree, part):
+    """The bound tree of the slices a distributed task owns (the trees themselves are shared)."""
+    return dataclasses.replace(tree, tree_of_slice=tree.tree_of_slice[part.slices])
+
+
+def _tree_reads_data(problem, params) -> bool:
+    """Without a state the tree is initialised or fitted from the data."""
+    return params.get("state") is None
+
+
+#: Distributed execution: trees are bound once on the client and cut per slice;
+#: each query is routed and attended independently given all keys.
+_SHARDING = Sharding(split={"tree": _tree_part}, shared=("state",), reads_data=_tree_reads_data, queries=True)
+
 TF_METHOD = Method(
     name="treeformer_tf",
     summary="Treeformer TF: softmax over the keys in the query's leaf of a hyperplane tree",
@@ -267,6 +284,7 @@ TF_METHOD = Method(
     impls=_impls(True),
     budgets=_BUDGETS,
     budget_name="height",
+    sharding=_SHARDING,
 )
 
 TC_METHOD = Method(
@@ -279,6 +297,7 @@ TC_METHOD = Method(
     impls=_impls(False),
     budgets=_BUDGETS,
     budget_name="height",
+    sharding=_SHARDING,
 )
 
 def treeformer_tf_attention(q, k, v, *, backend="auto", mask=None, causal=False, scale=None, rng=None,

@@ -17,6 +17,10 @@ from .registry import NotSupportedError, method_names
 from .methods.exact import exact_attention
 from .methods.uniform import uniform_attention
 from .methods.topk_oracle import topk_oracle_attention
+from .methods.entmax import (
+    entmax15, entmax15_vjp, entmax_attention, entmax_bisect, entmax_bisect_vjp, sparsemax, sparsemax_vjp,
+)
+from .methods.sparsefinder import sparsefinder_attention
 
 __version__ = "0.1.0"
 
@@ -29,4 +33,12 @@ __all__ = [
     "exact_attention",
     "uniform_attention",
     "topk_oracle_attention",
+    "entmax_attention",
+    "sparsemax",
+    "entmax15",
+    "entmax_bisect",
+    "sparsemax_vjp",
+    "entmax15_vjp",
+    "entmax_bisect_vjp",
+    "sparsefinder_attention",
 ]

@@ -43,6 +43,8 @@ METHOD_MODULES: dict[str, str] = {
     "exact": "eff_attn.methods.exact:METHOD",
     "uniform": "eff_attn.methods.uniform:METHOD",
     "topk_oracle": "eff_attn.methods.topk_oracle:METHOD",
+    "entmax": "eff_attn.methods.entmax:METHOD",
+    "sparsefinder": "eff_attn.methods.sparsefinder:METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

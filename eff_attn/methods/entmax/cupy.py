@@ -34,11 +34,15 @@ import math
 import numpy as np
 from numba import cuda, float64
 
-from ..._cuda import launch_rows, to_xp, xp_of
+from ..._cuda import launch_rows, simulated, to_xp, xp_of
 from ...masks import visible_counts, visible_pairs
 from ..exact import GPU_TILE_BYTES
 from ..exact.cupy import _MAX_THREADS, _block_reduce
 from .reference import entmax_attention_backward, entmax_probabilities, entmax_rows_alpha_grad, entmax_rows_vjp
+
+#: Threads per row under the CUDA simulator: each of the n_iter block reductions
+#: costs a Python barrier per thread there, and 2 threads still exercise them.
+SIMULATOR_THREADS = 2
 
 __all__ = ["row_threshold_kernel", "run_row_threshold", "rows_forward", "rows_backward", "rows_alpha_grad",
            "forward", "backward"]
@@ -173,7 +177,8 @@ def run_row_threshold(xp, vals, starts, lengths, alpha, rows_per_alpha, *, use_s
     out = {name: xp.empty(R, dtype=np.float64) for name in ("z_max", "tau_shifted", "tau", "norm")}
     out["support"] = xp.empty(R, dtype=np.int64)
     launch_rows(row_threshold_kernel, R, vals, starts, lengths, alpha, rows_per_alpha, use_sort, n_iter,
-                ensure_sum_one, out["z_max"], out["tau_shifted"], out["tau"], out["norm"], out["support"])
+                ensure_sum_one, out["z_max"], out["tau_shifted"], out["tau"], out["norm"], out["support"],
+                threads=SIMULATOR_THREADS if simulated() else None)
     return out
 
 

@@ -167,8 +167,6 @@ def draw(rng, problem, params) -> dict:
         q, k, alpha=params["alpha"], scale=problem.scale, mask=mask,
         causal=masks.causal_argument(problem.offset, problem.Nq, problem.Nk), epochs=FIT_ON_INPUT_EPOCHS,
         num_clusters=FIT_ON_INPUT_CLUSTERS, metric=params["metric"], rng=as_generator(rng))
-    state = SparsefinderState(**{**state.__dict__, "w_q": state.w_q[0], "w_k": state.w_k[0], "b_q": state.b_q[0],
-                                 "b_k": state.b_k[0], "centroids": state.centroids[0], "threshold": state.threshold[0]})
     heads = state_for_batch(state, problem.batch_shape, params["threshold"] if params["predictor"] == "distance" else None)
     return {"heads": heads, "fitted_state": state}
 

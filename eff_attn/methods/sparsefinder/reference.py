@@ -62,7 +62,7 @@ def dense_predicted_graph(q, k, *, mask, offset, scale, alpha, predictor, top_cl
     Nq, Nk = q.shape[1], k.shape[1]
     visible = visible_pairs(mask, offset, Nq, Nk)                                           # (G|1, Nq, Nk)
     if graph is not None:
-        return graph & visible, None, None
+        return graph & visible, None, None                                                  # (G, Nq, Nk)
     pairs = window_global_pairs(Nq, Nk, position_offset(offset, Nq, Nk), window, global_tokens)   # (Nq, Nk)
     query_groups = key_groups = None
     if predictor == "oracle":
@@ -79,7 +79,8 @@ def dense_predicted_graph(q, k, *, mask, offset, scale, alpha, predictor, top_cl
                 predictor, q_proj, k_proj, mask, centroids=heads.centroids, top_clusters=top_clusters,
                 bucket_size=bucket_size)                                                    # (G, N, m)
             pi = shares_label(q_labels, k_labels)                                           # (G, Nq, Nk)
-    return visible & (pairs | pi), query_groups, key_groups
+    graph = np.broadcast_to(visible & (pairs | pi), (q.shape[0], Nq, Nk))                  # (G, Nq, Nk)
+    return graph, query_groups, key_groups
 
 
 def sparsefinder_reference(q, k, v, *, mask, offset, scale, alpha, **params):

@@ -44,7 +44,6 @@ __all__ = [
     "ALGORITHMS",
     "DEFAULT_ALPHA",
     "DEFAULT_N_ITER",
-    "CPU_BLOCK_Q",
 ]
 
 ALGORITHMS = ("auto", "softmax", "sort", "bisect")
@@ -53,8 +52,6 @@ ALGORITHMS = ("auto", "softmax", "sort", "bisect")
 DEFAULT_ALPHA = 1.5
 #: Bisection steps: the bracket [-1, -n**(1-alpha)] shrinks below 2**-50.
 DEFAULT_N_ITER = 50
-#: Queries per Numba task: the (32, Nk) score tile is a task's working set.
-CPU_BLOCK_Q = 32
 #: alphas with an exact sort-based algorithm.
 SORT_ALPHAS = (1.5, 2.0)
 
@@ -192,7 +189,8 @@ def entmax_attention(q, k, v, *, backend="auto", mask=None, causal=False, scale=
     ``tau`` such that the row sums to one: exact zeros for ``alpha > 1``,
     sparsemax at ``alpha = 2``, softmax (``exact``) at ``alpha = 1``.
     Time ``O(Nq Nk (D + Dv + c))`` with ``c = log Nk`` (sort) or ``n_iter``
-    (bisect); memory ``O(Nq Nk)`` on NumPy, ``O(32 Nk)`` per worker on Numba and
+    (bisect); memory ``O(Nq Nk)`` on NumPy, ``O(Bq Nk)`` per worker on Numba
+    (``Bq = 32`` at D = 64) and
     ``O(G Bq Nk)`` per query block on CuPy.
 
     Parameters

@@ -12,10 +12,11 @@ Row threshold (:func:`row_threshold`, shared with ``sparsefinder``)
     than the row is allocated, and a peaked row costs little beyond its scan.
 
 Attention forward
-    ``prange`` over (slice, block of 32 queries). A task computes its
-    (32, Nk) score tile with one ``np.dot`` (causal: keys up to the block's
-    last position only), finds each row's threshold and sums
-    ``p_j v_j`` over the support only. Memory ``O(32 Nk)`` per task; the
+    ``prange`` over (slice, block of ``Bq`` queries; 32 at D = 64). A task
+    computes its (Bq, Nk) score tile with ``np.dot`` in key chunks small
+    enough for OpenBLAS's single-threaded path (causal: keys up to the
+    block's last position only), finds each row's threshold and sums
+    ``p_j v_j`` over the support only. Memory ``O(Bq Nk)`` per task; the
     saved row max, threshold and normaliser rebuild ``P`` for the backward.
     alpha = 1 is the ``exact`` method's blocked online softmax.
 
@@ -35,11 +36,11 @@ from numba import prange
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
 from ...masks import visible_counts
 from ..exact import cpu_blocks
-from . import CPU_BLOCK_Q
 
 __all__ = [
     "row_threshold",
     "row_weights",
+    "accumulate_support",
     "rows_forward",
     "rows_backward",
     "rows_alpha_grad",
@@ -59,9 +60,11 @@ def _power(d, alpha, beta):
 
 
 @serial
-def _sort_threshold(xc, nc, alpha):
-    """Exact threshold from the sorted candidates ``xc[:nc]`` (alpha = 2 or 1.5)."""
-    xs = np.sort(xc[:nc])                                                  # ascending; x_(k) = xs[nc - k]
+def _sort_threshold(xc, nc, alpha, work):
+    """Exact threshold from the sorted candidates ``xc[:nc]`` (alpha = 2 or 1.5); ``work`` holds 2 nc floats."""
+    xs = work[:nc]
+    xs[:] = xc[:nc]
+    xs.sort()                                                              # ascending; x_(k) = xs[nc - k]
     if alpha == 2.0:
         c = 0.0
         c_star = xs[nc - 1] if nc > 0 else 0.0
@@ -73,7 +76,7 @@ def _sort_threshold(xc, nc, alpha):
                 k_star = k
                 c_star = c
         return (c_star - 1.0) / k_star
-    tau_k = np.empty(max(nc, 1))
+    tau_k = work[nc:2 * nc]
     s1 = 0.0
     s2 = 0.0
     count = 0
@@ -110,18 +113,23 @@ def _bisect_threshold(xc, nc, n_visible, alpha, n_iter):
 
 
 @serial
-def row_threshold(z, n, alpha, use_sort, n_iter, cand, xc):
+def row_threshold(z, n, alpha, use_sort, n_iter, cand, xc, work):
     """Threshold of alpha-entmax (alpha > 1) over the ``n`` visible scores ``z[:n]``.
 
     Fills ``cand[:nc]`` with the positions of the entries that can be in the
     support (``x > -1``) and ``xc[:nc]`` with their shifted values
-    ``x = (alpha - 1)(z - max)`` in float64.
+    ``x = (alpha - 1)(z - max)`` in float64. ``work`` is float64 scratch of
+    length ``2 n``. Nothing is allocated: the kernels call this once per row
+    from parallel tasks, where allocations contend.
 
     Returns
     -------
     (nc, z_max, tau) with ``tau`` in shifted units.
     """
-    z_max = np.float64(row_maximum(z[:n]))
+    z_max = -np.inf
+    for c in range(n):
+        if z[c] > z_max:
+            z_max = np.float64(z[c])
     a1 = alpha - 1.0
     nc = 0
     for c in range(n):
@@ -131,7 +139,7 @@ def row_threshold(z, n, alpha, use_sort, n_iter, cand, xc):
             xc[nc] = x
             nc += 1
     if use_sort:
-        tau = _sort_threshold(xc, nc, alpha)
+        tau = _sort_threshold(xc, nc, alpha, work)
     else:
         tau = _bisect_threshold(xc, nc, n, alpha, n_iter)
     return nc, z_max, tau
@@ -163,6 +171,19 @@ def row_weights(xc, nc, tau, alpha, normalise):
     return norm, support
 
 
+@serial
+def accumulate_support(w, nc, cand, idx, v, g, acc):
+    """``acc <- sum_c w[c] v[g, idx[cand[c]]]`` over the positive weights, without temporaries."""
+    Dv = acc.shape[0]
+    for d in range(Dv):
+        acc[d] = 0.0
+    for c in range(nc):
+        if w[c] > 0:
+            j = idx[cand[c]]
+            for d in range(Dv):
+                acc[d] += w[c] * v[g, j, d]
+
+
 # --- transforms ---------------------------------------------------------------------
 
 #: Rows per task of the transform kernels.
@@ -179,6 +200,7 @@ def _rows_kernel(z, keep, alpha, use_sort, n_iter, ensure_sum_one, p, tau_out, s
         idx = np.empty(n, dtype=np.int64)
         cand = np.empty(n, dtype=np.int64)
         xc = np.empty(n, dtype=np.float64)
+        work = np.empty(2 * n, dtype=np.float64)
         bits = np.empty(n, dtype=np.int32)
         for row in range(task * _ROWS_PER_TASK, min(R, (task + 1) * _ROWS_PER_TASK)):
             nv = 0
@@ -200,7 +222,7 @@ def _rows_kernel(z, keep, alpha, use_sort, n_iter, ensure_sum_one, p, tau_out, s
                 tau_out[row] = z_max + np.log(total)
                 support_out[row] = nv
             else:
-                nc, z_max, tau = row_threshold(zbuf, nv, a, use_sort, n_iter, cand, xc)
+                nc, z_max, tau = row_threshold(zbuf, nv, a, use_sort, n_iter, cand, xc, work)
                 norm, support = row_weights(xc, nc, tau, a, ensure_sum_one and not use_sort)
                 for c in range(nc):
                     p[row, idx[cand[c]]] = xc[c]
@@ -303,13 +325,26 @@ def _visible_row(s_row, end, keep, g, zbuf, idx):
 
 
 @serial
+def _score_tile(qs, keys, tile, part_buf, block_k):
+    """``tile <- qs keys^T`` in key chunks of ``block_k``, each product within OpenBLAS's
+    small-matrix size (see :func:`eff_attn.methods.exact.cpu_blocks`): a larger one
+    would start OpenBLAS threads inside ``prange``."""
+    bq, k_end = tile.shape
+    for j0 in range(0, k_end, block_k):
+        j1 = min(k_end, j0 + block_k)
+        part = part_buf[: bq * (j1 - j0)].reshape((bq, j1 - j0))
+        np.dot(qs, keys[j0:j1].T, part)
+        tile[:, j0:j1] = part
+
+
+@serial
 def _key_end(Nk, causal, offset, i_end):
     """Keys ``< key_end`` can be visible to queries ``< i_end``."""
     return Nk if not causal else min(Nk, max(0, i_end + offset))
 
 
 @kernel
-def _forward_kernel(q, k, v, keep, causal, offset, scale, alpha, use_sort, n_iter, ensure_sum_one, block_q,
+def _forward_kernel(q, k, v, keep, causal, offset, scale, alpha, use_sort, n_iter, ensure_sum_one, block_q, block_k,
                     out, z_max_out, tau_out, norm_out, support_out):
     G, Nq, D = q.shape
     Nk, Dv = k.shape[1], v.shape[2]
@@ -321,12 +356,12 @@ def _forward_kernel(q, k, v, keep, causal, offset, scale, alpha, use_sort, n_ite
         bq = i1 - i0
         k_end = _key_end(Nk, causal, offset, i1)
         tile = np.empty((bq, k_end), dtype=q.dtype)                         # (Bq, k_end) scores
-        if k_end > 0:
-            np.dot(q[g, i0:i1] * scale, k[g, :k_end].T, tile)
+        _score_tile(q[g, i0:i1] * scale, k[g], tile, np.empty(bq * block_k, dtype=q.dtype), block_k)
         zbuf = np.empty(k_end, dtype=q.dtype)
         idx = np.empty(k_end, dtype=np.int64)
         cand = np.empty(k_end, dtype=np.int64)
         xc = np.empty(k_end, dtype=np.float64)
+        work = np.empty(2 * k_end, dtype=np.float64)
         acc = np.empty(Dv, dtype=np.float64)
         a = alpha[g]
         for r in range(bq):
@@ -340,13 +375,11 @@ def _forward_kernel(q, k, v, keep, causal, offset, scale, alpha, use_sort, n_ite
                 norm_out[g, i] = 1.0
                 support_out[g, i] = 0
                 continue
-            nc, z_max, tau = row_threshold(zbuf, n, a, use_sort, n_iter, cand, xc)
+            nc, z_max, tau = row_threshold(zbuf, n, a, use_sort, n_iter, cand, xc, work)
             norm, support = row_weights(xc, nc, tau, a, ensure_sum_one and not use_sort)
-            acc[:] = 0.0
-            for c in range(nc):                                            # the support only
-                if xc[c] > 0:
-                    acc += xc[c] * v[g, idx[cand[c]]]
-            out[g, i] = acc
+            accumulate_support(xc, nc, cand, idx, v, g, acc)
+            for d in range(Dv):
+                out[g, i, d] = acc[d]
             z_max_out[g, i] = z_max
             tau_out[g, i] = tau
             norm_out[g, i] = norm
@@ -378,9 +411,10 @@ def forward(q, k, v, *, mask, offset, scale, alpha, algorithm, n_iter):
     norm = np.empty((G, Nq))
     support = np.empty((G, Nq), dtype=np.int64)
     alphas = _alpha_rows(alpha, G)
+    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2])
     with blas_single_thread():
         _forward_kernel(q, k, v, *_kernel_args(q, mask, offset, scale), alphas, algorithm == "sort", n_iter, True,
-                        CPU_BLOCK_Q, out, z_max, tau, norm, support)
+                        block_q, block_k, out, z_max, tau, norm, support)
     a = alphas[:, None]
     tau_user = np.where(support > 0, tau + (a - 1) * z_max, np.inf).astype(q.dtype)
     return out, {"tau": tau_user, "support_size": support, "z_max": z_max, "tau_shifted": tau, "norm": norm}
@@ -404,7 +438,8 @@ def _tile_probabilities(s, keep, g, i0, j0, causal, offset, a, z_max, tau, norm)
 
 
 @kernel
-def _backward_q_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block_q, z_max, tau, norm, dq, row_c):
+def _backward_q_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block_q, block_k, z_max, tau, norm, dq,
+                       row_c):
     G, Nq, D = q.shape
     Nk, Dv = k.shape[1], v.shape[2]
     n_blocks = (Nq + block_q - 1) // block_q
@@ -415,8 +450,7 @@ def _backward_q_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block_
         bq = i1 - i0
         k_end = _key_end(Nk, causal, offset, i1)
         tile = np.empty((bq, k_end), dtype=q.dtype)
-        if k_end > 0:
-            np.dot(q[g, i0:i1] * scale, k[g, :k_end].T, tile)
+        _score_tile(q[g, i0:i1] * scale, k[g], tile, np.empty(bq * block_k, dtype=q.dtype), block_k)
         a = alpha[g]
         beta = 1.0 / (a - 1.0)
         acc = np.empty(D, dtype=np.float64)
@@ -447,8 +481,11 @@ def _backward_q_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block_
                 d = (a - 1.0) * (np.float64(tile[r, j]) - z_max[g, i]) - tau[g, i]
                 if d > 0:
                     u = (_power(d, a, beta) / norm[g, i]) ** (2.0 - a)
-                    acc += (u * (np.dot(dout[g, i], v[g, j]) - c)) * k[g, j]
-            dq[g, i] = acc * scale
+                    w = u * (np.dot(dout[g, i], v[g, j]) - c)
+                    for e in range(D):
+                        acc[e] += w * k[g, j, e]
+            for e in range(D):
+                dq[g, i, e] = acc[e] * scale
 
 
 @kernel
@@ -468,12 +505,14 @@ def _backward_kv_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block
         dv_acc = np.zeros((bk, Dv), dtype=q.dtype)
         dk_part = np.empty((bk, D), dtype=q.dtype)
         dv_part = np.empty((bk, Dv), dtype=q.dtype)
+        p_buf = np.empty(block_q * bk, dtype=q.dtype)
+        ds_buf = np.empty(block_q * bk, dtype=q.dtype)
         first = 0 if not causal else max(0, j0 - offset)                   # first i with i + offset >= j0
         for i0 in range(first, Nq, block_q):
             i1 = min(Nq, i0 + block_q)
             bq = i1 - i0
-            p = np.empty((bq, bk), dtype=q.dtype)
-            ds = np.empty((bq, bk), dtype=q.dtype)
+            p = p_buf[: bq * bk].reshape((bq, bk))
+            ds = ds_buf[: bq * bk].reshape((bq, bk))
             np.dot(q[g, i0:i1], ks.T, p)                                   # (Bq, Bk) scores
             _tile_probabilities(p, keep, g, i0, j0, causal, offset, a, z_max, tau, norm)   # (Bq, Bk) P
             np.dot(p.T, dout[g, i0:i1], dv_part)                           # (Bk, Dv)
@@ -502,8 +541,8 @@ def backward(dout, q, k, v, out, res, *, mask, offset, scale, alpha, algorithm, 
     saved = (res["z_max"], res["tau_shifted"], res["norm"])
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     row_c = np.empty((G, Nq))
-    _, block_k = cpu_blocks(q.shape[2], v.shape[2])
+    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2])
     with blas_single_thread():
-        _backward_q_kernel(q, k, v, dout, keep, causal, off, s, alphas, CPU_BLOCK_Q, *saved, dq, row_c)
-        _backward_kv_kernel(q, k, v, dout, keep, causal, off, s, alphas, CPU_BLOCK_Q, block_k, *saved, row_c, dk, dv)
+        _backward_q_kernel(q, k, v, dout, keep, causal, off, s, alphas, block_q, block_k, *saved, dq, row_c)
+        _backward_kv_kernel(q, k, v, dout, keep, causal, off, s, alphas, block_q, block_k, *saved, row_c, dk, dv)
     return dq, dk, dv

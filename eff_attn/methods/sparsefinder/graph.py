@@ -57,6 +57,11 @@ def project(x, w, b, xp=np):
     return xp.matmul(x.astype(np.float64), xp.swapaxes(w, -1, -2)) + b[:, None, :]
 
 
+def _stable_argsort(x, axis, xp):
+    """A stable argsort on NumPy; CuPy's argsort is always stable (and takes no ``kind``)."""
+    return xp.argsort(x, axis=axis, kind="stable") if xp is np else xp.argsort(x, axis=axis)
+
+
 def cluster_ids(x, centroids, top: int, xp=np):
     """The ``top`` nearest centroids of every point, per round.
 
@@ -75,12 +80,12 @@ def cluster_ids(x, centroids, top: int, xp=np):
     norms = (centroids * centroids).sum(axis=-1)                                # (G, R, K)
     dots = xp.einsum("gnc,grkc->gnrk", x, centroids)                            # (G, N, R, K)
     dist = norms[:, None, :, :] - 2 * dots                                      # (G, N, R, K)
-    return xp.argsort(dist, axis=-1, kind="stable")[..., :top].astype(np.int64)  # (G, N, R, top)
+    return _stable_argsort(dist, -1, xp)[..., :top].astype(np.int64)            # (G, N, R, top)
 
 
 def _ranks(values, xp):
     """Rank of every entry along axis 1 by (value, index): values (G, N, r) -> int64 (G, N, r)."""
-    order = xp.argsort(xp.swapaxes(values, 1, 2), axis=-1, kind="stable")      # (G, r, N)
+    order = _stable_argsort(xp.swapaxes(values, 1, 2), -1, xp)                  # (G, r, N)
     return xp.swapaxes(inverse_permutation(order, xp), 1, 2)                    # (G, N, r)
 
 

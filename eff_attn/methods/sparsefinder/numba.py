@@ -31,7 +31,7 @@ from numba import prange
 from ..._jit import blas_single_thread, contiguous, kernel, serial
 from ..entmax import DEFAULT_N_ITER, resolve_algorithm
 from ..entmax.numba import forward as entmax_forward
-from ..entmax.numba import row_threshold, row_weights
+from ..entmax.numba import accumulate_support, row_threshold, row_weights
 from . import finish_res
 from .graph import position_offset, predictor_plan
 
@@ -85,6 +85,7 @@ def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha
         z = np.empty(Nk, dtype=q.dtype)
         inner = np.empty(Nk, dtype=np.int64)
         xc = np.empty(Nk, dtype=np.float64)
+        work = np.empty(2 * Nk, dtype=np.float64)
         acc = np.empty(Dv, dtype=np.float64)
         for i in range(i0, min(Nq, i0 + BLOCK_Q)):
             end = Nk if not causal else min(Nk, max(0, i + offset + 1))   # keys < end may be visible
@@ -143,13 +144,11 @@ def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha
                     if (alpha - 1.0) * (np.float64(z[c]) - dense_z_max[g, i]) > dense_tau[g, i]:
                         hits += 1
                 gold_hits[g, i] = hits
-            nc, z_max, tau = row_threshold(z, n, alpha, use_sort, DEFAULT_N_ITER, inner, xc)
+            nc, z_max, tau = row_threshold(z, n, alpha, use_sort, DEFAULT_N_ITER, inner, xc, work)
             _, support = row_weights(xc, nc, tau, alpha, not use_sort)
-            acc[:] = 0.0
-            for c in range(nc):
-                if xc[c] > 0:
-                    acc += xc[c] * v[g, cand[inner[c]]]
-            out[g, i] = acc
+            accumulate_support(xc, nc, inner, cand, v, g, acc)
+            for d in range(Dv):
+                out[g, i, d] = acc[d]
             support_out[g, i] = support
 
 

@@ -7,6 +7,8 @@
   (dashed) projections, beside a plain local window; on the ``clustered`` and
   ``peaked`` benchmark regimes. The grey line is the gold graph's own
   sparsity: no graph with recall 1 is sparser.
+- ``sparsefinder-groups.png``: k-means cells and quantization bands of one
+  head in a learned 2-d projection.
 - ``sparsefinder-time.png``: wall time of Sparsefinder (k-means defaults),
   dense entmax and exact softmax on the Numba backend against N.
 
@@ -113,6 +115,43 @@ def pareto_figure():
     return tables
 
 
+def groups_figure():
+    """k-means cells and quantization bands of one head in a learned r = 2 projection."""
+    from eff_attn.methods.sparsefinder.graph import cluster_ids
+
+    train, test = sequences("clustered")
+    (q_tr, k_tr), (q_te, k_te) = train, test
+    state, _ = sf.fit_sparsefinder(q_tr[:, :1], k_tr[:, :1], r=2, num_clusters=6, rng=0)
+    qp = q_te[0, 0] @ state.w_q[0].T + state.b_q[0]                               # (N, 2)
+    kp = k_te[0, 0] @ state.w_k[0].T + state.b_k[0]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    lo, hi = np.minimum(qp.min(0), kp.min(0)) - 0.5, np.maximum(qp.max(0), kp.max(0)) + 0.5
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
+    grid = np.stack([gx.ravel(), gy.ravel()], -1)[None]                            # (1, M, 2)
+    cells = cluster_ids(grid, state.centroids[:, :1], 1)[0, :, 0, 0].reshape(gx.shape)
+    ax.contourf(gx, gy, cells, levels=np.arange(9) - 0.5, cmap="Dark2", vmin=0, vmax=7, alpha=0.15)
+    for pts, marker, name in ((qp, "o", "queries"), (kp, "x", "keys")):
+        ids = cluster_ids(pts[None], state.centroids[:, :1], 1)[0, :, 0, 0]
+        ax.scatter(pts[:, 0], pts[:, 1], c=ids, cmap="Dark2", vmin=0, vmax=7, marker=marker, s=14, label=name)
+    ax.scatter(*state.centroids[0, 0].T, c="k", marker="*", s=120, label="centroids")
+    ax.set_title("k-means (K=6, t=1): attend within your cell", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    B = 32
+    ax2.scatter(qp[:, 0], qp[:, 1], marker="o", s=14, color="C0", label="queries")
+    ax2.scatter(kp[:, 0], kp[:, 1], marker="x", s=14, color="C3", label="keys")
+    for c, line in ((0, ax2.axvline), (1, ax2.axhline)):
+        for cut in np.sort(kp[:, c])[B::B]:
+            line(cut, color="C3", lw=0.6, alpha=0.6)
+    ax2.set_title(f"quantize (B={B} keys per bucket): key buckets per coordinate", fontsize=9)
+    ax2.legend(fontsize=7, loc="lower right")
+    for a in (ax, ax2):
+        a.set_xlabel("q'_0, k'_0")
+        a.set_ylabel("q'_1, k'_1")
+    fig.tight_layout()
+    fig.savefig(OUT / "sparsefinder-groups.png", dpi=130)
+    plt.close(fig)
+
+
 def best(fn, *args, repeats=3, **kw):
     fn(*args, **kw)                                                              # compile / warm up
     times = []
@@ -126,7 +165,7 @@ def best(fn, *args, repeats=3, **kw):
 def time_figure():
     train, _ = sequences("clustered")
     state, _ = sf.fit_sparsefinder(*train, rng=0)
-    sizes = [512, 1024, 2048, 4096]
+    sizes = [512, 1024, 2048, 4096, 8192]
     results = {"sparsefinder (kmeans, K=16, t=1, w=5)": [], "dense entmax (sort)": [], "exact softmax": []}
     for n in sizes:
         p = problems.clustered(n, d=D, heads=HEADS, seed=0)                       # same centres as the training draw
@@ -152,6 +191,7 @@ def time_figure():
 
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
+    groups_figure()
     tables = pareto_figure()
     for (regime, name), rows in tables.items():
         for predictor, points in rows.items():

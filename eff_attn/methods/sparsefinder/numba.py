@@ -60,6 +60,15 @@ def _distance(qp, kp, metric, q_norm, k_norm):
 
 
 @serial
+def _dot(q, k, g, i, j):
+    """``q[g, i] . k[g, j]`` inline, in the input dtype (a BLAS call per pair costs more than the pair)."""
+    total = q.dtype.type(0)
+    for d in range(q.shape[2]):
+        total += q[g, i, d] * k[g, j, d]
+    return total
+
+
+@serial
 def _add(j, stamp, marker, cand, n):
     """Append key ``j`` to the row unless already stamped; returns the new length."""
     if marker[j] != stamp:
@@ -126,7 +135,7 @@ def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha
                 elif mode == ORACLE and dense_tau[g, i] != np.inf:
                     for j in range(end):
                         if (not has_mask or keep[g, j]) and marker[j] != i:
-                            s = np.dot(q[g, i], k[g, j]) * scale
+                            s = _dot(q, k, g, i, j) * scale
                             if (alpha - 1.0) * (np.float64(s) - dense_z_max[g, i]) > dense_tau[g, i]:
                                 n = _add(j, i, marker, cand, n)
             keys_per_query[g, i] = n
@@ -137,7 +146,7 @@ def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha
                 continue
             # (4) gathered scores, entmax's row threshold, output over the support
             for c in range(n):
-                z[c] = np.dot(q[g, i], k[g, cand[c]]) * scale
+                z[c] = _dot(q, k, g, i, cand[c]) * scale
             if recall:
                 hits = 0
                 for c in range(n):

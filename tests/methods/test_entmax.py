@@ -8,12 +8,11 @@ never from the code under test.
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import brentq
 from scipy.special import softmax
@@ -21,6 +20,7 @@ from scipy.special import softmax
 import eff_attn
 from eff_attn.testing import assert_close, finite_difference_vjp, random_qkv, to_host
 from tests._harness import BackendCase
+from tests.methods._simulator import FastSimulatorBarriers
 from tests._oracles import dense_attention, visible_matrix
 
 CAUSAL_MODES = [False, True, "top_left"]
@@ -56,22 +56,9 @@ def attention_oracle(q, k, v, visible, alpha, scale=None):
     return np.einsum("...ij,...jd->...id", P, v)
 
 
-class TestEntmax(BackendCase):
+class TestEntmax(FastSimulatorBarriers, BackendCase):
     METHOD = "entmax"
     BACKEND = "numpy"
-
-    @pytest.fixture(autouse=True)
-    def _fast_simulator_barriers(self):
-        """The simulator's block barriers wait on Python thread switches; switch faster there."""
-        if not self.EMULATED:
-            yield
-            return
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(1e-5)
-        try:
-            yield
-        finally:
-            sys.setswitchinterval(previous)
 
     def tol(self, dtype):
         return 1e-10 if dtype == np.float64 else 1e-5

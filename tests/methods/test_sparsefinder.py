@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ import eff_attn
 from eff_attn.methods import sparsefinder as sf
 from eff_attn.testing import assert_close, finite_difference_vjp, random_qkv, to_host
 from tests._harness import BackendCase
+from tests.methods._simulator import FastSimulatorBarriers
 from tests._oracles import visible_matrix
 from tests.methods.test_entmax import attention_oracle, entmax_oracle
 
@@ -110,22 +109,9 @@ PREDICTOR_CASES = [
 ]
 
 
-class TestSparsefinder(BackendCase):
+class TestSparsefinder(FastSimulatorBarriers, BackendCase):
     METHOD = "sparsefinder"
     BACKEND = "numpy"
-
-    @pytest.fixture(autouse=True)
-    def _fast_simulator_barriers(self):
-        """The simulator's block barriers wait on Python thread switches; switch faster there."""
-        if not self.EMULATED:
-            yield
-            return
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(1e-5)
-        try:
-            yield
-        finally:
-            sys.setswitchinterval(previous)
 
     def tol(self, dtype):
         return 1e-10 if dtype == np.float64 else 1e-5

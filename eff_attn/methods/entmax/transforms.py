@@ -139,7 +139,8 @@ def _rows(z, mask, axis, alpha, *, alpha_minimum_open, check_finite) -> Rows:
         try:
             keep = xp.broadcast_to(keep, z.shape)
         except ValueError:
-            raise ValueError(f"mask of shape {tuple(keep.shape)} does not broadcast to z's shape {tuple(z.shape)}") from None
+            raise ValueError(f"mask of shape {tuple(keep.shape)} does not broadcast to z's shape "
+                             f"{tuple(z.shape)}") from None
         keep = xp.ascontiguousarray(xp.moveaxis(keep, axis, -1).reshape(R, n))
     alpha_shape = None
     if isinstance(alpha, np.ndarray) and alpha.ndim == 0:
@@ -183,9 +184,10 @@ TRANSFORMS = Method(
 )
 
 
-def _run(name, z, mask, axis, alpha, algorithm, n_iter, ensure_sum_one, backend, return_info, check_finite,
+def _run(name, z, *, mask, axis, alpha, algorithm, n_iter, ensure_sum_one, backend, return_info, check_finite,
          with_vjp, alpha_grad):
-    rows = _rows(z, mask, axis, alpha, alpha_minimum_open=alpha_grad, check_finite=check_bool("check_finite", check_finite))
+    check_finite = check_bool("check_finite", check_finite)
+    rows = _rows(z, mask, axis, alpha, alpha_minimum_open=alpha_grad, check_finite=check_finite)
     n_iter = check_int("n_iter", n_iter, minimum=1)
     ensure_sum_one = check_bool("ensure_sum_one", ensure_sum_one)
     check_bool("return_info", return_info)
@@ -216,7 +218,16 @@ def _run(name, z, mask, axis, alpha, algorithm, n_iter, ensure_sum_one, backend,
     return (result, vjp, info) if return_info else (result, vjp)
 
 
-_COMMON_PARAMETERS = """
+def sparsemax(z, *, mask=None, axis=-1, backend="auto", return_info=False, check_finite=True):
+    """Sparsemax: the Euclidean projection of ``z`` onto the probability simplex.
+
+    ``p = [z - tau]_+`` with ``tau`` such that ``sum p = 1`` (alpha-entmax at
+    alpha = 2), found exactly by sorting. Time ``O(n log n)`` per vector.
+
+    Parameters
+    ----------
+    z : array of shape (..., n)
+        NumPy, CuPy, torch or JAX; float32 or float64.
     mask : bool array broadcastable to z's shape, optional
         Keep-mask: False entries get exactly 0 and do not count.
     axis : int, default=-1
@@ -230,19 +241,7 @@ _COMMON_PARAMETERS = """
         ``p = [(alpha - 1) z - tau]_+ ** (1 / (alpha - 1))`` (``exp(z - tau)``
         at alpha = 1), ``+inf`` on rows with nothing kept.
     check_finite : bool, default=True
-        Raise ``ValueError`` on NaN or inf in a kept entry."""
-
-
-def sparsemax(z, *, mask=None, axis=-1, backend="auto", return_info=False, check_finite=True):
-    """Sparsemax: the Euclidean projection of ``z`` onto the probability simplex.
-
-    ``p = [z - tau]_+`` with ``tau`` such that ``sum p = 1`` (alpha-entmax at
-    alpha = 2), found exactly by sorting. Time ``O(n log n)`` per vector.
-
-    Parameters
-    ----------
-    z : array of shape (..., n)
-        NumPy, CuPy, torch or JAX; float32 or float64.{common}
+        Raise ``ValueError`` on NaN or inf in a kept entry.
 
     Returns
     -------
@@ -250,7 +249,9 @@ def sparsemax(z, *, mask=None, axis=-1, backend="auto", return_info=False, check
         Rows with nothing kept are 0.
     info : dict, only if ``return_info``
     """
-    return _run("sparsemax", z, mask, axis, 2.0, "sort", _SORT_N_ITER, False, backend, return_info, check_finite, False, False)
+    return _run("sparsemax", z, mask=mask, axis=axis, alpha=2.0, algorithm="sort", n_iter=_SORT_N_ITER,
+                ensure_sum_one=False, backend=backend, return_info=return_info,
+                check_finite=check_finite, with_vjp=False, alpha_grad=False)
 
 
 def entmax15(z, *, mask=None, axis=-1, backend="auto", return_info=False, check_finite=True):
@@ -260,14 +261,18 @@ def entmax15(z, *, mask=None, axis=-1, backend="auto", return_info=False, check_
 
     Parameters
     ----------
-    z : array of shape (..., n){common}
+    z : array of shape (..., n)
+    mask, axis, backend, return_info, check_finite
+        As in :func:`sparsemax`.
 
     Returns
     -------
     p : array of z's shape and dtype
     info : dict, only if ``return_info``
     """
-    return _run("entmax15", z, mask, axis, 1.5, "sort", _SORT_N_ITER, False, backend, return_info, check_finite, False, False)
+    return _run("entmax15", z, mask=mask, axis=axis, alpha=1.5, algorithm="sort", n_iter=_SORT_N_ITER,
+                ensure_sum_one=False, backend=backend, return_info=return_info,
+                check_finite=check_finite, with_vjp=False, alpha_grad=False)
 
 
 def entmax_bisect(z, alpha=1.5, *, n_iter=50, ensure_sum_one=True, mask=None, axis=-1, backend="auto",
@@ -290,15 +295,18 @@ def entmax_bisect(z, alpha=1.5, *, n_iter=50, ensure_sum_one=True, mask=None, ax
     n_iter : int, default=50
         Bisection steps (the bracket ends below ``2**-50``).
     ensure_sum_one : bool, default=True
-        Divide the output by its sum.{common}
+        Divide the output by its sum.
+    mask, axis, backend, return_info, check_finite
+        As in :func:`sparsemax`.
 
     Returns
     -------
     p : array of z's shape and dtype
     info : dict, only if ``return_info``
     """
-    return _run("entmax_bisect", z, mask, axis, alpha, "bisect", n_iter, ensure_sum_one, backend, return_info,
-                check_finite, False, False)
+    return _run("entmax_bisect", z, mask=mask, axis=axis, alpha=alpha, algorithm="bisect", n_iter=n_iter,
+                ensure_sum_one=ensure_sum_one, backend=backend, return_info=return_info,
+                check_finite=check_finite, with_vjp=False, alpha_grad=False)
 
 
 def sparsemax_vjp(z, *, mask=None, axis=-1, backend="auto", return_info=False, check_finite=True):
@@ -308,7 +316,9 @@ def sparsemax_vjp(z, *, mask=None, axis=-1, backend="auto", return_info=False, c
 
     Parameters
     ----------
-    z : array of shape (..., n){common}
+    z : array of shape (..., n)
+    mask, axis, backend, return_info, check_finite
+        As in :func:`sparsemax`.
 
     Returns
     -------
@@ -317,7 +327,9 @@ def sparsemax_vjp(z, *, mask=None, axis=-1, backend="auto", return_info=False, c
         ``vjp(dp) -> dz``, ``dp`` and ``dz`` of z's shape.
     info : dict, only if ``return_info``
     """
-    return _run("sparsemax", z, mask, axis, 2.0, "sort", _SORT_N_ITER, False, backend, return_info, check_finite, True, False)
+    return _run("sparsemax", z, mask=mask, axis=axis, alpha=2.0, algorithm="sort", n_iter=_SORT_N_ITER,
+                ensure_sum_one=False, backend=backend, return_info=return_info,
+                check_finite=check_finite, with_vjp=True, alpha_grad=False)
 
 
 def entmax15_vjp(z, *, mask=None, axis=-1, backend="auto", return_info=False, check_finite=True):
@@ -327,7 +339,9 @@ def entmax15_vjp(z, *, mask=None, axis=-1, backend="auto", return_info=False, ch
 
     Parameters
     ----------
-    z : array of shape (..., n){common}
+    z : array of shape (..., n)
+    mask, axis, backend, return_info, check_finite
+        As in :func:`sparsemax`.
 
     Returns
     -------
@@ -336,7 +350,9 @@ def entmax15_vjp(z, *, mask=None, axis=-1, backend="auto", return_info=False, ch
         ``vjp(dp) -> dz``.
     info : dict, only if ``return_info``
     """
-    return _run("entmax15", z, mask, axis, 1.5, "sort", _SORT_N_ITER, False, backend, return_info, check_finite, True, False)
+    return _run("entmax15", z, mask=mask, axis=axis, alpha=1.5, algorithm="sort", n_iter=_SORT_N_ITER,
+                ensure_sum_one=False, backend=backend, return_info=return_info,
+                check_finite=check_finite, with_vjp=True, alpha_grad=False)
 
 
 def entmax_bisect_vjp(z, alpha=1.5, *, n_iter=50, ensure_sum_one=True, mask=None, axis=-1, backend="auto",
@@ -355,7 +371,9 @@ def entmax_bisect_vjp(z, alpha=1.5, *, n_iter=50, ensure_sum_one=True, mask=None
         ``alpha > 1`` (``ValueError`` otherwise; use softmax's own gradient
         at 1).
     n_iter, ensure_sum_one
-        As in :func:`entmax_bisect`.{common}
+        As in :func:`entmax_bisect`.
+    mask, axis, backend, return_info, check_finite
+        As in :func:`sparsemax`.
 
     Returns
     -------
@@ -365,10 +383,6 @@ def entmax_bisect_vjp(z, alpha=1.5, *, n_iter=50, ensure_sum_one=True, mask=None
         for a scalar alpha).
     info : dict, only if ``return_info``
     """
-    return _run("entmax_bisect", z, mask, axis, alpha, "bisect", n_iter, ensure_sum_one, backend, return_info,
-                check_finite, True, True)
-
-
-for _f in (sparsemax, entmax15, entmax_bisect, sparsemax_vjp, entmax15_vjp, entmax_bisect_vjp):
-    _f.__doc__ = _f.__doc__.replace("{common}", _COMMON_PARAMETERS)
-del _f
+    return _run("entmax_bisect", z, mask=mask, axis=axis, alpha=alpha, algorithm="bisect", n_iter=n_iter,
+                ensure_sum_one=ensure_sum_one, backend=backend, return_info=return_info,
+                check_finite=check_finite, with_vjp=True, alpha_grad=True)

@@ -34,8 +34,15 @@ from .fitting import (
     kmeans,
     sparsefinder_loss,
 )
-from .graph import gold_graph, graph_metrics, grouped_pair_count, labels_from_groups, predict_graph, window_global_counts
-from .state import HeadArrays, SparsefinderState, state_for_batch
+from .graph import (
+    gold_graph,
+    graph_metrics,
+    grouped_pair_count,
+    labels_from_groups,
+    predict_graph,
+    window_global_counts,
+)
+from .state import SparsefinderState, state_for_batch
 
 __all__ = [
     "sparsefinder_attention",
@@ -135,7 +142,8 @@ def resolve(problem, *, state=None, alpha=1.5, predictor="kmeans", top_clusters=
         return params
     if state is None:
         raise ValueError(f"predictor={predictor!r} needs state=: fit one with "
-                         "eff_attn.methods.sparsefinder.fit_sparsefinder, or pass state='fit' to fit it on these inputs")
+                         "eff_attn.methods.sparsefinder.fit_sparsefinder, or pass state='fit' to fit it on these "
+                         "inputs")
     if state == "fit":
         if top_clusters > FIT_ON_INPUT_CLUSTERS:
             raise ValueError(f"top_clusters={top_clusters} is more than the {FIT_ON_INPUT_CLUSTERS} clusters "
@@ -167,7 +175,8 @@ def draw(rng, problem, params) -> dict:
         q, k, alpha=params["alpha"], scale=problem.scale, mask=mask,
         causal=masks.causal_argument(problem.offset, problem.Nq, problem.Nk), epochs=FIT_ON_INPUT_EPOCHS,
         num_clusters=FIT_ON_INPUT_CLUSTERS, metric=params["metric"], rng=as_generator(rng))
-    heads = state_for_batch(state, problem.batch_shape, params["threshold"] if params["predictor"] == "distance" else None)
+    threshold = params["threshold"] if params["predictor"] == "distance" else None
+    heads = state_for_batch(state, problem.batch_shape, threshold)
     return {"heads": heads, "fitted_state": state}
 
 

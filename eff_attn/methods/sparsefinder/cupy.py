@@ -35,11 +35,20 @@ from ..entmax import DEFAULT_N_ITER, resolve_algorithm
 from ..entmax.cupy import forward as entmax_forward
 from ..entmax.cupy import run_row_threshold
 from . import finish_res
-from .graph import labels_from_groups, position_offset, predictor_plan
+from .graph import (
+    COSINE,
+    GRAPH,
+    GROUPS,
+    ORACLE,
+    SQEUCLIDEAN,
+    labels_from_groups,
+    position_offset,
+    predictor_code,
+    predictor_plan,
+)
 
 __all__ = ["forward"]
 
-NONE, GROUPS, SQEUCLIDEAN, COSINE, ORACLE, GRAPH = range(6)
 
 
 @cuda.jit(device=True)
@@ -206,16 +215,6 @@ def _launch(kernel, n, *args):
     kernel[(n + threads - 1) // threads, threads](*args)
 
 
-def _mode(predictor, metric, graph):
-    if graph is not None:
-        return GRAPH
-    if predictor in ("kmeans", "quantize"):
-        return GROUPS
-    if predictor == "distance":
-        return SQEUCLIDEAN if metric == "sqeuclidean" else COSINE
-    return ORACLE if predictor == "oracle" else NONE
-
-
 def _or_placeholder(xp, a, ndim, dtype):
     """``a`` contiguous on the device, or a one-element stand-in of the right rank for an unused argument.
 
@@ -251,7 +250,8 @@ def forward(q, k, v, *, mask, offset, scale, **params):
     args = (
         q, k, _or_placeholder(xp, mask, 2, np.bool_), mask is not None, offset is not None,
         0 if offset is None else int(offset), position_offset(offset, Nq, Nk), float(scale), float(alpha),
-        _mode(predictor, metric, graph), -1 if window is None else int(window), int(params["global_tokens"]),
+        predictor_code(predictor, metric, graph), -1 if window is None else int(window),
+        int(params["global_tokens"]),
         _or_placeholder(xp, plan["q_labels"], 3, np.int64), _or_placeholder(xp, k_labels, 3, np.int64),
         _or_placeholder(xp, plan["members"], 2, np.int64), _or_placeholder(xp, plan["offsets"], 2, np.int64),
         _or_placeholder(xp, plan["q_proj"], 3, np.float64), _or_placeholder(xp, plan["k_proj"], 3, np.float64),

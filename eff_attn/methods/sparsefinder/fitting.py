@@ -442,7 +442,17 @@ def fit_sparsefinder(q, k, *, r=4, alpha=1.5, scale=None, mask=None, causal=Fals
     ----------
     q : ndarray of shape (S, *H, Nq, D)
     k : ndarray of shape (S, *H, Nk, D)
-    Others as in the functions above.
+    r : int, default=4
+        Projected dimension.
+    alpha, scale, mask, causal
+        Of the gold graphs (:func:`fit_projections`).
+    shared, margin, lr, epochs, batch_size, grad_clip
+        As in :func:`init_sparsefinder` and :func:`fit_projections`.
+    num_clusters, n_rounds, max_iter
+        As in :func:`fit_centroids`.
+    target_recall, metric
+        As in :func:`fit_threshold`.
+    rng : None, int or Generator
 
     Returns
     -------

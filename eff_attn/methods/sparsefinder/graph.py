@@ -28,6 +28,7 @@ from ..entmax import resolve_algorithm
 from ..entmax.reference import entmax_rows
 
 __all__ = [
+    "predictor_code",
     "position_offset",
     "project",
     "cluster_ids",
@@ -45,6 +46,21 @@ __all__ = [
     "predict_graph",
     "graph_metrics",
 ]
+
+
+#: Predictor codes of the Numba and CuPy kernels.
+NONE, GROUPS, SQEUCLIDEAN, COSINE, ORACLE, GRAPH = range(6)
+
+
+def predictor_code(predictor: str, metric: str, graph) -> int:
+    """The kernels' code for a predictor: kmeans and quantize both enumerate groups."""
+    if graph is not None:
+        return GRAPH
+    if predictor in ("kmeans", "quantize"):
+        return GROUPS
+    if predictor == "distance":
+        return SQEUCLIDEAN if metric == "sqeuclidean" else COSINE
+    return ORACLE if predictor == "oracle" else NONE
 
 
 def position_offset(offset, Nq: int, Nk: int) -> int:

@@ -33,14 +33,12 @@ from ..entmax import DEFAULT_N_ITER, resolve_algorithm
 from ..entmax.numba import forward as entmax_forward
 from ..entmax.numba import accumulate_support, row_threshold, row_weights
 from . import finish_res
-from .graph import position_offset, predictor_plan
+from .graph import COSINE, GRAPH, GROUPS, ORACLE, SQEUCLIDEAN, position_offset, predictor_code, predictor_plan
 
 __all__ = ["forward"]
 
 #: Queries per task: a task's buffers are O(Nk) whatever this is.
 BLOCK_Q = 32
-#: Predictor codes of the kernel.
-NONE, GROUPS, SQEUCLIDEAN, COSINE, ORACLE, GRAPH = range(6)
 
 
 @nb.njit(cache=True)
@@ -161,16 +159,6 @@ def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha
             support_out[g, i] = support
 
 
-def _mode(predictor, metric, graph):
-    if graph is not None:
-        return GRAPH
-    if predictor in ("kmeans", "quantize"):
-        return GROUPS
-    if predictor == "distance":
-        return SQEUCLIDEAN if metric == "sqeuclidean" else COSINE
-    return ORACLE if predictor == "oracle" else NONE
-
-
 def _or_empty(a, ndim, dtype):
     return np.empty((0,) * ndim, dtype=dtype) if a is None else np.ascontiguousarray(a, dtype=dtype)
 
@@ -197,7 +185,7 @@ def forward(q, k, v, *, mask, offset, scale, **params):
         _sparsefinder_kernel(
             q, k, v, keep, offset is not None, 0 if offset is None else int(offset),
             position_offset(offset, Nq, Nk), q.dtype.type(scale), float(alpha), alpha in (1.5, 2.0),
-            _mode(params["predictor"], params["metric"], graph), -1 if window is None else int(window),
+            predictor_code(params["predictor"], params["metric"], graph), -1 if window is None else int(window),
             int(params["global_tokens"]),
             _or_empty(plan["q_labels"], 3, np.int64), _or_empty(plan["members"], 2, np.int64),
             _or_empty(plan["offsets"], 2, np.int64), _or_empty(plan["q_proj"], 3, np.float64),

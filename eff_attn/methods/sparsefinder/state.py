@@ -76,7 +76,8 @@ class SparsefinderState:
         H, r, D = self.head_shape, self.r, self.D
         for name, shape in (("w_k", (*H, r, D)), ("b_q", (*H, r)), ("b_k", (*H, r))):
             if tuple(np.shape(getattr(self, name))) != shape:
-                raise ValueError(f"SparsefinderState.{name} must have shape {shape}, got {np.shape(getattr(self, name))}")
+                raise ValueError(f"SparsefinderState.{name} must have shape {shape}, "
+                                 f"got {np.shape(getattr(self, name))}")
         if self.centroids is not None and (self.centroids.ndim != len(H) + 3 or self.centroids.shape[:len(H)] != H
                                            or self.centroids.shape[-1] != r):
             raise ValueError(f"SparsefinderState.centroids must have shape {(*H, 'R', 'K', r)}, "
@@ -121,7 +122,8 @@ def state_for_batch(state: SparsefinderState, batch_shape: tuple, threshold=None
     except ValueError:
         ok = False
     if not ok:
-        raise ValueError(f"the state's head shape {H} does not broadcast to the inputs' leading axes {tuple(batch_shape)}")
+        raise ValueError(f"the state's head shape {H} does not broadcast to the inputs' leading axes "
+                         f"{tuple(batch_shape)}")
     G = math.prod(batch_shape)
 
     def flat(a, tail):

@@ -40,12 +40,12 @@ from ..exact import GPU_TILE_BYTES
 from ..exact.cupy import _MAX_THREADS, _block_reduce
 from .reference import entmax_attention_backward, entmax_probabilities, entmax_rows_alpha_grad, entmax_rows_vjp
 
+__all__ = ["row_threshold_kernel", "run_row_threshold", "rows_forward", "rows_backward", "rows_alpha_grad",
+           "forward", "backward"]
+
 #: Threads per row under the CUDA simulator: each of the n_iter block reductions
 #: costs a Python barrier per thread there, and 2 threads still exercise them.
 SIMULATOR_THREADS = 2
-
-__all__ = ["row_threshold_kernel", "run_row_threshold", "rows_forward", "rows_backward", "rows_alpha_grad",
-           "forward", "backward"]
 
 
 @cuda.jit(device=True)

@@ -134,7 +134,12 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default="transforms,attention,quality")
     args = parser.parse_args()
-    transforms(args.repeats, 1 if args.quick else args.batch)
-    attention_speed(args.repeats, [1024, 2048] if args.quick else [1024, 2048, 4096], [1024, 4096])
-    quality(512 if args.quick else 1024)
+    parts = args.parts.split(",")
+    if "transforms" in parts:
+        transforms(args.repeats, 1 if args.quick else args.batch)
+    if "attention" in parts:
+        attention_speed(args.repeats, [1024, 2048] if args.quick else [1024, 2048, 4096], [1024, 4096])
+    if "quality" in parts:
+        quality(512 if args.quick else 1024)

@@ -338,9 +338,13 @@ def _score_tile(qs, keys, tile, part_buf, block_k):
 
 
 @serial
-def _key_end(Nk, causal, offset, i_end):
-    """Keys ``< key_end`` can be visible to queries ``< i_end``."""
-    return Nk if not causal else min(Nk, max(0, i_end + offset))
+def _task_rows(task, n_blocks, block_q, Nq, Nk, causal, offset):
+    """Slice ``g`` and query rows ``[i0, i1)`` of a task; keys ``>= k_end`` are invisible to all of them."""
+    g = task // n_blocks
+    i0 = (task % n_blocks) * block_q
+    i1 = min(Nq, i0 + block_q)
+    k_end = Nk if not causal else min(Nk, max(0, i1 + offset))
+    return g, i0, i1, k_end
 
 
 @kernel
@@ -350,11 +354,8 @@ def _forward_kernel(q, k, v, keep, causal, offset, scale, alpha, use_sort, n_ite
     Nk, Dv = k.shape[1], v.shape[2]
     n_blocks = (Nq + block_q - 1) // block_q
     for task in prange(G * n_blocks):
-        g = task // n_blocks
-        i0 = (task % n_blocks) * block_q
-        i1 = min(Nq, i0 + block_q)
+        g, i0, i1, k_end = _task_rows(task, n_blocks, block_q, Nq, Nk, causal, offset)
         bq = i1 - i0
-        k_end = _key_end(Nk, causal, offset, i1)
         tile = np.empty((bq, k_end), dtype=q.dtype)                         # (Bq, k_end) scores
         _score_tile(q[g, i0:i1] * scale, k[g], tile, np.empty(bq * block_k, dtype=q.dtype), block_k)
         zbuf = np.empty(k_end, dtype=q.dtype)
@@ -444,11 +445,8 @@ def _backward_q_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block_
     Nk, Dv = k.shape[1], v.shape[2]
     n_blocks = (Nq + block_q - 1) // block_q
     for task in prange(G * n_blocks):
-        g = task // n_blocks
-        i0 = (task % n_blocks) * block_q
-        i1 = min(Nq, i0 + block_q)
+        g, i0, i1, k_end = _task_rows(task, n_blocks, block_q, Nq, Nk, causal, offset)
         bq = i1 - i0
-        k_end = _key_end(Nk, causal, offset, i1)
         tile = np.empty((bq, k_end), dtype=q.dtype)
         _score_tile(q[g, i0:i1] * scale, k[g], tile, np.empty(bq * block_k, dtype=q.dtype), block_k)
         a = alpha[g]

@@ -25,6 +25,10 @@ from .methods.routing import routing_attention
 from .methods.nystrom import nystrom_attention
 from .methods.reformer import reformer_attention
 from .methods.treeformer import treeformer_tc_attention, treeformer_tf_attention
+from .methods.entmax import (
+    entmax15, entmax15_vjp, entmax_attention, entmax_bisect, entmax_bisect_vjp, sparsemax, sparsemax_vjp,
+)
+from .methods.sparsefinder import sparsefinder_attention
 
 __version__ = "0.1.0"
 
@@ -46,4 +50,12 @@ __all__ = [
     "reformer_attention",
     "treeformer_tf_attention",
     "treeformer_tc_attention",
+    "entmax_attention",
+    "sparsemax",
+    "entmax15",
+    "entmax_bisect",
+    "sparsemax_vjp",
+    "entmax15_vjp",
+    "entmax_bisect_vjp",
+    "sparsefinder_attention",
 ]

@@ -54,6 +54,8 @@ METHOD_MODULES: dict[str, str] = {
     "reformer": "eff_attn.methods.reformer:METHOD",
     "treeformer_tf": "eff_attn.methods.treeformer:TF_METHOD",
     "treeformer_tc": "eff_attn.methods.treeformer:TC_METHOD",
+    "entmax": "eff_attn.methods.entmax:METHOD",
+    "sparsefinder": "eff_attn.methods.sparsefinder:METHOD",
 }
 
 #: Backends, in the order ``backend="auto"`` prefers them for host arrays.

@@ -18,7 +18,7 @@ import numpy as np
 
 from ... import masks
 from ..._validate import check_choice, check_float, check_int
-from ...registry import Impl, Method
+from ...registry import Impl, Method, Sharding
 from .transforms import (
     entmax15,
     entmax15_vjp,
@@ -178,6 +178,7 @@ METHOD = Method(
     ),
     budgets=({"alpha": 2.0}, {"alpha": 1.75}, {"alpha": 1.5}, {"alpha": 1.25}),
     budget_name="alpha",
+    sharding=Sharding(reads_data=False, queries=True),
 )
 
 

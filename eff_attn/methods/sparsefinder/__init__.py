@@ -13,6 +13,7 @@ functions live here; see ``docs/methods/sparsefinder.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -21,7 +22,7 @@ import numpy as np
 from ... import interop, masks
 from ..._validate import check_bool, check_choice, check_float, check_int
 from ...random import as_generator
-from ...registry import Impl, Method
+from ...registry import Impl, Method, Sharding
 from ..entmax import flops as entmax_flops
 from ..entmax import host, mean_over_slices, threshold_flops, visible_pair_counts
 from .fitting import (
@@ -294,6 +295,19 @@ def _check(problem, params):
     return []
 
 
+
+def _heads_part(heads, part):
+    """The per-slice prediction arrays of the slices a distributed task owns."""
+    return dataclasses.replace(heads, **{
+        f.name: None if getattr(heads, f.name) is None else getattr(heads, f.name)[part.slices]
+        for f in dataclasses.fields(heads)
+    })
+
+
+def _sparsefinder_reads_data(problem, params) -> bool:
+    """``state="fit"`` fits projections to the call's own q and k."""
+    return isinstance(params.get("state"), str)
+
 METHOD = Method(
     name="sparsefinder",
     summary="learned low-dimensional projections predict the entmax support; entmax on the predicted graph only",
@@ -309,6 +323,8 @@ METHOD = Method(
     budgets=({"state": "fit", "top_clusters": 1}, {"state": "fit", "top_clusters": 2},
              {"state": "fit", "top_clusters": 3}),
     budget_name="top_clusters",
+    sharding=Sharding(split={"graph": ("slice", "query"), "heads": _heads_part}, shared=("fitted_state",),
+                      reads_data=_sparsefinder_reads_data),
 )
 
 

@@ -20,7 +20,6 @@ from scipy.special import softmax
 import eff_attn
 from eff_attn.testing import assert_close, finite_difference_vjp, random_qkv, to_host
 from tests._harness import BackendCase
-from tests.methods._simulator import FastSimulatorBarriers
 from tests._oracles import dense_attention, visible_matrix
 
 CAUSAL_MODES = [False, True, "top_left"]
@@ -56,7 +55,7 @@ def attention_oracle(q, k, v, visible, alpha, scale=None):
     return np.einsum("...ij,...jd->...id", P, v)
 
 
-class TestEntmax(FastSimulatorBarriers, BackendCase):
+class TestEntmax(BackendCase):
     METHOD = "entmax"
     BACKEND = "numpy"
 

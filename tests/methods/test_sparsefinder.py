@@ -20,7 +20,6 @@ import eff_attn
 from eff_attn.methods import sparsefinder as sf
 from eff_attn.testing import assert_close, finite_difference_vjp, random_qkv, to_host
 from tests._harness import BackendCase
-from tests.methods._simulator import FastSimulatorBarriers
 from tests._oracles import visible_matrix
 from tests.methods.test_entmax import attention_oracle, entmax_oracle
 
@@ -109,7 +108,7 @@ PREDICTOR_CASES = [
 ]
 
 
-class TestSparsefinder(FastSimulatorBarriers, BackendCase):
+class TestSparsefinder(BackendCase):
     METHOD = "sparsefinder"
     BACKEND = "numpy"
 

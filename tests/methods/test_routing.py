@@ -109,7 +109,8 @@ def routing_oracle(q, k, mu, *, mask=None, causal=False, assignment="argmax", wi
     else:
         wQ, wK = (-(-Nq // C), -(-Nk // C)) if window is None else window
         q_dropped = np.zeros(Nq, bool) if (mask is None or Nq != Nk) else ~kept
-        Wq = [sorted(sorted(range(Nq), key=lambda i: (q_dropped[i], -RQ[i, c], i))[:wQ]) for c in range(C)]
+        rank = lambda i, c: (True, 0.0, i) if q_dropped[i] else (False, -RQ[i, c], i)  # noqa: E731  dropped: last, by position
+        Wq = [sorted(sorted(range(Nq), key=lambda i: rank(i, c))[:wQ]) for c in range(C)]
         Wk = [sorted(sorted([j for j in range(Nk) if kept[j]], key=lambda j: (-RK[j, c], j))[:wK]) for c in range(C)]
         fallback = np.full(Nq, -1)
         for i in range(Nq):

@@ -12,9 +12,9 @@ Row threshold (:func:`row_threshold`, shared with ``sparsefinder``)
     than the row is allocated, and a peaked row costs little beyond its scan.
 
 Attention forward
-    ``prange`` over (slice, block of ``Bq`` queries; 32 at D = 64). A task
-    computes its (Bq, Nk) score tile with ``np.dot`` in key chunks small
-    enough for OpenBLAS's single-threaded path (causal: keys up to the
+    ``prange`` over (slice, block of ``Bq`` queries; 128 at D = 64). A task
+    computes its (Bq, Nk) score tile with ``np.dot`` in key chunks of
+    exact attention's CPU tile size (causal: keys up to the
     block's last position only), finds each row's threshold and sums
     ``p_j v_j`` over the support only. Memory ``O(Bq Nk)`` per task; the
     saved row max, threshold and normaliser rebuild ``P`` for the backward.
@@ -326,9 +326,8 @@ def _visible_row(s_row, end, keep, g, zbuf, idx):
 
 @serial
 def _score_tile(qs, keys, tile, part_buf, block_k):
-    """``tile <- qs keys^T`` in key chunks of ``block_k``, each product within OpenBLAS's
-    small-matrix size (see :func:`eff_attn.methods.exact.cpu_blocks`): a larger one
-    would start OpenBLAS threads inside ``prange``."""
+    """``tile <- qs keys^T`` in key chunks of ``block_k``, each product within exact
+    attention's CPU tile size (see :func:`eff_attn.methods.exact.cpu_blocks`)."""
     bq, k_end = tile.shape
     for j0 in range(0, k_end, block_k):
         j1 = min(k_end, j0 + block_k)

@@ -8,7 +8,7 @@ Blocking
     of one slice and its private running max ``mu``, sum ``l`` and
     accumulator ``acc``. Tile products are ``np.dot`` through SciPy's BLAS
     into preallocated buffers, held to one thread while ``prange`` owns the
-    cores. Tiles are sized for OpenBLAS's small-matrix path
+    cores. Tiles are sized to stay in a core's L2 cache
     (:func:`eff_attn.methods.exact.cpu_blocks`); the exponentials use the
     vectorised :func:`eff_attn._jit.exp_shifted`.
 

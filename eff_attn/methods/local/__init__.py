@@ -201,11 +201,13 @@ def local_attention(q, k, v, *, backend="auto", mask=None, causal=False, scale=N
         side, unlike libraries that give the total width. Negative values
         raise ``ValueError``.
     block_q : int, optional
-        Queries per block. Numba: the largest power of two <= 64 with
-        ``Bq * 128 * max(D, Dv) <= 2**18`` (32 at D = 64); NumPy and CuPy:
-        the sliding chunk ``c = 64``.
+        Queries per block. Numba: exact attention's rule, the largest power
+        of two <= 128 with ``Bq * 512 * max(D, Dv) <= 2**22`` (128 at D = 64),
+        lowered to the smallest power of two >= ``wL + wR`` (at least 16) for
+        narrow windows, since a block computes ``Bq + wL + wR`` scores per
+        row; NumPy and CuPy: the sliding chunk ``c = 64``.
     block_k : int, optional
-        Keys per tile of the Numba kernel, default 128 (unused elsewhere).
+        Keys per tile of the Numba kernel, default 512 (unused elsewhere).
 
     Returns
     -------

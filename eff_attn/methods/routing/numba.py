@@ -53,8 +53,7 @@ from .plan import (
 __all__ = ["route", "forward", "backward"]
 
 #: Most rows per routing task; fewer when ``rows * C * D`` would exceed exact's
-#: ``CPU_TILE_MACS`` (OpenBLAS's small-matrix path): a (256, 64) x (64, 64) tile
-#: ran 16x slower than four (64, 64) x (64, 64) ones on the benchmark machine.
+#: ``CPU_TILE_MACS`` (the tiles stay in a core's L2 cache).
 MAX_ROUTE_BLOCK = 256
 
 

@@ -44,7 +44,7 @@ from . import _common
 __all__ = ["forward", "backward", "TF_BLOCK_Q", "TF_BLOCK_K", "TC_BLOCK_Q"]
 
 #: Queries per TF task: one (Bq, c_l) score tile per task. With the default ~64 keys per
-#: leaf, a whole leaf is one task, and a (64 x 64 x 64) tile stays on OpenBLAS's small-matrix path.
+#: leaf, a whole leaf is one task.
 TF_BLOCK_Q = 64
 #: Keys per task in the TF key-gradient pass.
 TF_BLOCK_K = 64

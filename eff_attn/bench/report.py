@@ -4,6 +4,9 @@
   (method, budget, backend), fitted over the sweep's lengths.
 - :func:`crossovers`: the smallest swept N at which a method is faster than
   ``exact`` on the same backend (None if never within the sweep).
+- :func:`pareto_front`: the rows no other row beats on both error and time.
+- :func:`fastest_within`: the fastest row whose error meets a target.
+- :func:`markdown_table`: a results table for the docs.
 - :func:`print_table`: a rich table on the terminal.
 - :func:`write_json`: the results, with device, versions and command.
 """
@@ -17,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["scaling_exponents", "crossovers", "print_table", "write_json", "summarise"]
+__all__ = ["scaling_exponents", "crossovers", "pareto_front", "fastest_within", "markdown_table", "print_table",
+           "write_json", "load_json", "summarise"]
 
 
 def _key(row) -> tuple:
@@ -58,6 +62,48 @@ def crossovers(rows) -> dict:
                 result[key] = row["n"]
                 break
     return result
+
+
+def pareto_front(rows, *, error: str = "rel_fro_median") -> list[dict]:
+    """Rows not dominated in (``error``, ``warm_ms``), fastest first.
+
+    A row is dominated when another is at least as accurate and at least as
+    fast, and strictly better in one. Pass the rows of one N (and one
+    problem): across lengths the comparison means nothing.
+    """
+    ordered = sorted(rows, key=lambda r: (r["warm_ms"], r[error]))
+    front, best_error = [], math.inf
+    for row in ordered:                                                  # by time: keep each new error record
+        if row[error] < best_error:
+            front.append(row)
+            best_error = row[error]
+    return front
+
+
+def fastest_within(rows, max_error: float, *, error: str = "rel_fro_median"):
+    """The fastest row with ``row[error] <= max_error``, or None if none is that accurate."""
+    within = [r for r in rows if r[error] <= max_error]
+    return min(within, key=lambda r: r["warm_ms"]) if within else None
+
+
+def markdown_table(rows, *, columns=("method", "budget", "backend", "rel_fro_median", "err_ratio_median",
+                                     "warm_ms", "peak_mb")) -> str:
+    """A Markdown table of ``rows`` with numbers rounded for reading."""
+    header = {"rel_fro_median": "rel. error (median)", "err_ratio_median": "err / err_uniform",
+              "rel_spectral_median": "spectral error", "warm_ms": "warm ms", "peak_mb": "peak MB",
+              "compile_s": "compile s", "rel_fro_p90": "rel. error (p90)"}
+    formats = {"rel_fro_median": ".3f", "rel_fro_p90": ".3f", "err_ratio_median": ".3f",
+               "rel_spectral_median": ".3f", "warm_ms": ".1f", "peak_mb": ".0f", "compile_s": ".1f"}
+    lines = ["| " + " | ".join(header.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            value = row.get(c)
+            if c == "budget" and row.get("budget_name"):
+                value = f"{row['budget_name']}={value}"
+            cells.append(_fmt(value, formats[c]) if c in formats else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarise(result: dict) -> dict:
@@ -119,6 +165,16 @@ def _jsonable(x):
     if isinstance(x, np.ndarray):
         return _jsonable(x.tolist())
     return x
+
+
+def load_json(path) -> dict:
+    """Read a results file written by :func:`write_json` (``null`` numbers become NaN)."""
+    payload = json.loads(Path(path).read_text())
+    for row in payload.get("rows", []):
+        for key, value in row.items():
+            if value is None and key not in ("flops",):
+                row[key] = math.nan
+    return payload
 
 
 def write_json(result: dict, path: Path, command: str | None = None) -> Path:

@@ -196,7 +196,9 @@ def run_compare(config: CompareConfig, progress=None) -> dict:
                     label = f"N={n} {method.name} {_budget_value(method, budget)} [{backend}]"
                     if progress is not None:
                         progress(label, 0)
+                    start = time.perf_counter()
                     row = _run_cell(method, budget, backend, host, exact, uniform, config)
+                    row["cell_s"] = time.perf_counter() - start                 # draws, fits, timing, scoring
                     if progress is not None:
                         progress(label, 1)
                     if row.get("status") == "skipped":

@@ -600,3 +600,21 @@ def test_fitting_rejects_bad_shapes():
         sf.kmeans(np.zeros((4, 2)), 9)
     with pytest.raises(ValueError, match="target_recall=0 must be in"):
         sf.fit_threshold(state, np.zeros((1, 2, 3, D)), np.zeros((1, 2, 3, D)), target_recall=0)
+
+
+@pytest.mark.parametrize("Nq, Nk, causal", [(1000, 1000, False), (1000, 1000, True), (1000, 1000, "top_left"),
+                                           (600, 900, True), (600, 900, "top_left"), (100, 900, True)])
+def test_fit_on_input_rows_keep_the_query_positions(Nq, Nk, causal):
+    """``state='fit'`` trains on a subset of queries; under causality their positions must not move."""
+    from eff_attn import masks
+    from eff_attn.methods.sparsefinder import FIT_ON_INPUT_QUERIES, _fit_queries
+
+    offset = masks.causal_offset(causal, Nq, Nk)
+    rows, sub_causal = _fit_queries(Nq, Nk, offset)
+    m = min(Nq, FIT_ON_INPUT_QUERIES)
+    assert len(rows) == len(set(rows.tolist())) == m and 0 <= rows.min() and rows.max() < Nq
+    if offset is None:
+        assert sub_causal is False and rows[0] == 0 and rows[-1] == Nq - 1
+    else:                                                                   # contiguous; same positions i + o
+        assert np.array_equal(rows, np.arange(rows[0], rows[0] + m))
+        assert masks.causal_offset(sub_causal, m, Nk) == offset + rows[0]

@@ -74,6 +74,23 @@ PROJECTING = ("kmeans", "distance", "quantize")
 #: and the centroids per slice; the rest are ``fit_sparsefinder``'s defaults.
 FIT_ON_INPUT_EPOCHS = 30
 FIT_ON_INPUT_CLUSTERS = 16
+#: ``state="fit"`` trains the projections on at most this many queries per slice
+#: (all keys): the gold graph and the loss cost O(Nq Nk) per step.
+FIT_ON_INPUT_QUERIES = 256
+
+
+def _fit_queries(Nq: int, Nk: int, offset):
+    """Query rows a ``state="fit"`` trains on, and the ``causal=`` that keeps their positions.
+
+    Without causality: ``FIT_ON_INPUT_QUERIES`` rows evenly spaced over the
+    sequence. With it: a contiguous run whose offset is again one the
+    ``causal=`` argument can express (0: the first rows; ``Nk - m``: the last).
+    """
+    m = min(Nq, FIT_ON_INPUT_QUERIES)
+    if offset is None:
+        return np.linspace(0, Nq - 1, m).round().astype(np.int64), False
+    start = 0 if offset == 0 else Nq - m                                    # offset + start is 0 or Nk - m
+    return np.arange(start, start + m), masks.causal_argument(offset + start, m, Nk)
 
 
 def _check_graph(problem, graph):
@@ -162,19 +179,20 @@ def draw(rng, problem, params) -> dict:
     """``state='fit'`` only: fit a state on the call's own q and k (host, NumPy, seeded by ``rng``).
 
     One sequence per slice: the state's head shape is the inputs' leading
-    shape. The fit sees the gold graph of these very inputs, so it measures
+    shape. At most ``FIT_ON_INPUT_QUERIES`` queries per slice train it
+    (:func:`_fit_queries`); the centroids and threshold see the same rows. The fit sees the gold graph of these very inputs, so it measures
     what a predictor of this kind can reach, not how it generalises.
     """
     if params.get("state_source") != "fitted_on_input":
         return {}
     from ..._cuda import host as to_host
 
-    q = to_host(problem.unflatten(problem.q))[None].astype(np.float64)      # (1, *batch, Nq, D)
+    rows, causal = _fit_queries(problem.Nq, problem.Nk, problem.offset)
+    q = to_host(problem.unflatten(problem.q))[None][..., rows, :].astype(np.float64)  # (1, *batch, m, D)
     k = to_host(problem.unflatten(problem.k))[None].astype(np.float64)      # (1, *batch, Nk, D)
     mask = None if problem.mask is None else to_host(problem.unflatten(problem.mask))[None]
     state, _ = fit_sparsefinder(
-        q, k, alpha=params["alpha"], scale=problem.scale, mask=mask,
-        causal=masks.causal_argument(problem.offset, problem.Nq, problem.Nk), epochs=FIT_ON_INPUT_EPOCHS,
+        q, k, alpha=params["alpha"], scale=problem.scale, mask=mask, causal=causal, epochs=FIT_ON_INPUT_EPOCHS,
         num_clusters=FIT_ON_INPUT_CLUSTERS, metric=params["metric"], rng=as_generator(rng))
     threshold = params["threshold"] if params["predictor"] == "distance" else None
     heads = state_for_batch(state, problem.batch_shape, threshold)

@@ -26,6 +26,7 @@ __all__ = [
     "method_names",
     "get_method",
     "register",
+    "unregister",
     "not_supported_reasons",
 ]
 
@@ -269,6 +270,20 @@ def register(method: Method, *, replace: bool = False) -> Method:
     METHOD_MODULES[method.name] = f"{_RUNTIME}:{method.name}"
     _loaded[method.name] = method
     return method
+
+
+def unregister(name: str) -> None:
+    """Remove a method added with :func:`register` (built-in methods stay).
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is built in or not registered.
+    """
+    if not METHOD_MODULES.get(name, "").startswith(_RUNTIME):
+        raise ValueError(f"method {name!r} was not added with register(); only those can be removed")
+    del METHOD_MODULES[name]
+    _loaded.pop(name, None)
 
 
 def not_supported_reasons(impl: Impl, problem, params: dict, *, need_grad: bool = False) -> list[str]:

@@ -225,3 +225,22 @@ def test_import_does_not_load_heavy_backends():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_runtime_methods_register_and_unregister_but_builtins_stay():
+    exact = registry.get_method("exact")
+    copy = registry.Method(name="exact_copy_for_test", summary="test", resolve=exact.resolve, flops=exact.flops,
+                           impls=exact.impls)
+    registry.register(copy)
+    try:
+        assert "exact_copy_for_test" in registry.method_names()
+        assert "exact_copy_for_test" not in registry.method_names(builtin_only=True)
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register(copy)
+    finally:
+        registry.unregister("exact_copy_for_test")
+    assert "exact_copy_for_test" not in registry.method_names()
+    with pytest.raises(ValueError, match="only those can be removed"):
+        registry.unregister("exact")
+    with pytest.raises(ValueError, match="only those can be removed"):
+        registry.unregister("no_such_method")

@@ -2,9 +2,9 @@
 
 Matches :func:`eff_attn.methods.topk_oracle.reference.topk_oracle_reference`.
 ``prange`` over (slice, query block); a task holds one (Bq, Nk) score block,
-and for each row sorts the visible scores stably (mergesort, so ties keep
-the lower index), keeps the first ``k``, and runs an exact max-shifted
-softmax over them. The row's full logsumexp gives ``mass_kept``.
+and for each row selects the ``k`` best visible scores in O(Nk) (a partition
+for the k-th best, then one scan; ties keep the lower index), orders them by
+a stable sort of ``k`` items, and runs an exact max-shifted softmax over them. The row's full logsumexp gives ``mass_kept``.
 Forward only: the oracle's backward is NumPy's.
 """
 
@@ -13,10 +13,32 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ..._jit import blas_single_thread, contiguous, kernel
+from ..._jit import blas_single_thread, contiguous, kernel, serial
 from . import QUERY_BLOCK
 
 __all__ = ["forward"]
+
+
+@serial
+def _top_indices(neg, topk):
+    """Indices of the ``topk`` smallest entries of ``neg``, ordered by (value, index)."""
+    Nk = neg.shape[0]
+    if topk >= Nk:
+        return np.argsort(neg, kind="mergesort")
+    threshold = np.partition(neg, topk - 1)[topk - 1]                      # the k-th smallest value
+    chosen = np.empty(topk, dtype=np.int64)
+    c = 0
+    for j in range(Nk):                                                    # strictly better: all of them
+        if neg[j] < threshold:
+            chosen[c] = j
+            c += 1
+    for j in range(Nk):                                                    # ties: lowest indices first
+        if c == topk:
+            break
+        if neg[j] == threshold:
+            chosen[c] = j
+            c += 1
+    return chosen[np.argsort(neg[chosen], kind="mergesort")]             # stable: ties stay in index order
 
 
 @kernel
@@ -38,7 +60,7 @@ def _topk_kernel(q, k, v, keep, causal, offset, scale, topk, block_q, out, suppo
             for j in range(end):
                 if not has_mask or keep[g, j]:
                     neg[j] = -row[j]
-            order = np.argsort(neg, kind="mergesort")                      # (Nk,) stable
+            order = _top_indices(neg, topk)                                # (min(k, Nk),) best first
             mu = -neg[order[0]]
             out[g, i] = 0
             support[g, i] = -1
@@ -51,7 +73,7 @@ def _topk_kernel(q, k, v, keep, causal, offset, scale, topk, block_q, out, suppo
                     total += np.exp(row[j] - mu)
             kept = 0.0
             acc = np.zeros(Dv)
-            for t in range(min(topk, Nk)):
+            for t in range(order.shape[0]):
                 j = order[t]
                 if neg[j] == np.inf:
                     break

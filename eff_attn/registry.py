@@ -198,6 +198,10 @@ class Method:
         cheapest first. Each dict is a set of keyword arguments.
     budget_name : str
         The parameter the sweep varies, for table headers and plots.
+    compare_defaults : dict
+        What ``eff-attn compare --budget default`` passes, for a method
+        that cannot run on its defaults alone (one that needs a fitted
+        state, say); empty for the others.
     sharding : Sharding, optional
         How :mod:`eff_attn.dist` splits a call into tasks; ``None`` runs the
         whole call as one task.
@@ -213,6 +217,7 @@ class Method:
     budgets: tuple[dict, ...] = ({},)
     budget_name: str = ""
     extra: dict = field(default_factory=dict)
+    compare_defaults: dict = field(default_factory=dict)
     sharding: Sharding | None = None
 
     @property

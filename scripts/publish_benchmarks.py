@@ -9,9 +9,12 @@ has a block in ``docs/benchmarks.md`` between the markers
     <!-- BEGIN <device>/<run> -->
     <!-- END <device>/<run> -->
 
-which this script fills with: the command, device and versions; a results table
+(and ``docs/tutorials/choosing-a-method.md`` has a ``summary`` block, one line per
+method from the real-heads, clustered and scaling runs), which this script fills
+with: the command, device and versions; a results table
 per N (every method and budget); for sweeps over N, the scaling exponents and
-crossovers. The run's plots are copied to ``docs/figures/benchmarks/<device>-<run>-*.png``.
+crossovers. The run's plots are redrawn from its JSON and copied to
+``docs/figures/benchmarks/<device>-<run>-*.png``.
 Only the blocks are touched; the prose around them is written by hand.
 """
 
@@ -26,10 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eff_attn.bench.report import load_json, markdown_table  # noqa: E402
+from eff_attn.bench.report import budget_label, load_json, markdown_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks"
 PAGE = ROOT / "docs" / "benchmarks.md"
+TUTORIAL = ROOT / "docs" / "tutorials" / "choosing-a-method.md"
+#: The runs the tutorial's summary table reads: accuracy on real heads and on clusters, speed over N.
+SUMMARY_RUNS = {"real": "cpu/real-512", "clustered": "cpu/clustered-2048", "scaling": "cpu/scaling-gaussian"}
 FIGURES = ROOT / "docs" / "figures" / "benchmarks"
 BLOCK = re.compile(r"(<!-- BEGIN (?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!-- END (?P=name) -->)", re.S)
 COLUMNS = ("method", "budget", "backend", "rel_fro_median", "rel_fro_p90", "err_ratio_median", "warm_ms",
@@ -42,6 +48,15 @@ def _environment_line(meta: dict) -> str:
     threads = f", {env['cpu_count']} cores" if "cpu_count" in env else ""
     gpu = f"; GPU {env['gpu']}" if env.get("gpu") else ""
     return f"{env.get('cpu', '?')}{threads}{gpu}; Python {env.get('python', '?')}; {versions}"
+
+
+def _first_reason(text: str) -> str:
+    """The first concrete reason of a NotSupportedError message (one candidate's line)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines[1:] or lines:
+        if "not installed" not in line:
+            return line.split(": ", 1)[1] if line.split(":")[0].count("/") == 1 else line
+    return lines[0]
 
 
 def _derived(payload: dict) -> str:
@@ -71,9 +86,13 @@ def render(name: str) -> str:
              f"Raw data: `benchmarks/{name}/results.json`."]
     for n in sorted({r["n"] for r in rows}):
         parts += ["", f"**N = {n}**", "", markdown_table([r for r in rows if r["n"] == n], columns=COLUMNS)]
-    if payload.get("skipped"):
-        parts += ["", "Skipped (not supported): " + "; ".join(
-            sorted({f"{s['method']} [{s['backend']}]" for s in payload["skipped"]})) + "."]
+    reasons = {}
+    for item in payload.get("skipped", []):
+        if item["backend"] != "cupy" or "cupy not installed" not in item["reason"]:
+            reasons.setdefault(item["method"], _first_reason(item["reason"]))
+    if reasons:
+        parts += ["", "Not run (the method refuses these options):", ""]
+        parts += [f"- `{method}`: {reason}" for method, reason in sorted(reasons.items())]
     parts.append(_derived(payload))
     images = sorted((RESULTS / name).glob("*.png"))
     slug = name.replace("/", "-")
@@ -84,15 +103,61 @@ def render(name: str) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def copy_plots(name: str) -> None:
+def _best(rows, method):
+    """The row of ``method`` with the lowest err/uniform, or None."""
+    mine = [r for r in rows if r["method"] == method]
+    return min(mine, key=lambda r: r["err_ratio_median"]) if mine else None
+
+
+def render_summary() -> str:
+    """One line per method: best err/uniform on real heads and on clusters, time and crossover over N."""
+    real, clustered, scaling = (load_json(RESULTS / SUMMARY_RUNS[k] / "results.json")
+                                for k in ("real", "clustered", "scaling"))
+    n_max = max(r["n"] for r in scaling["rows"])
+    at_max = {r["method"]: r for r in scaling["rows"] if r["n"] == n_max}
+    crossover = scaling.get("derived", {}).get("crossover_n_vs_exact", {})
+    exact_ms = at_max["exact"]["warm_ms"]
+    lines = [f"| method | best err/uniform, real heads $n=512$ | best err/uniform, clustered $N=2048$ "
+             f"| time at $N={n_max}$ (Gaussian, default budget) | faster than exact from $N=$ |",
+             "|---|---|---|---|---|"]
+    names = [r["method"] for r in clustered["rows"] if r["method"] not in ("exact", "sdpa", "uniform")]
+    for method in dict.fromkeys(names):
+        cells = [f"`{method}`"]
+        for rows in (real["rows"], clustered["rows"]):
+            best = _best(rows, method)
+            cells.append(f"{best['err_ratio_median']:.2g} ({budget_label(best)})" if best else "—")
+        row = at_max.get(method)
+        cells.append(f"{row['warm_ms'] / 1e3:.2f} s ({exact_ms / row['warm_ms']:.1f}× exact)" if row else "—")
+        cross = [v for k, v in crossover.items() if k.startswith(f"{method} |")]
+        cells.append(str(cross[0]) if cross and cross[0] else "not within the sweep" if cross else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    sdpa = at_max.get("sdpa")
+    note = (f"\nExact attention (Numba) takes {exact_ms / 1e3:.2f} s at $N={n_max}$"
+            + (f", PyTorch's CPU SDPA {sdpa['warm_ms'] / 1e3:.2f} s." if sdpa else "."))
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def replot(name: str) -> None:
+    """Redraw the run's plots from its JSON (the current plotting code), then copy them to the docs."""
+    from eff_attn.bench.plots import write_plots
+
+    for old in (RESULTS / name).glob("*.png"):
+        old.unlink()
+    write_plots(load_json(RESULTS / name / "results.json"), RESULTS / name)
     FIGURES.mkdir(parents=True, exist_ok=True)
     slug = name.replace("/", "-")
+    for old in FIGURES.glob(f"{slug}-*.png"):
+        old.unlink()
     for image in sorted((RESULTS / name).glob("*.png")):
         shutil.copyfile(image, FIGURES / f"{slug}-{image.name}")
 
 
 def updated_page(text: str) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+    def fill(match):
+        name = match.group("name")
+        return match.group(1) + (render_summary() if name == "summary" else render(name)) + match.group(4)
+
+    return BLOCK.sub(fill, text)
 
 
 def main(argv=None) -> int:
@@ -101,21 +166,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     text = PAGE.read_text()
     names = [m.group("name") for m in BLOCK.finditer(text)]
+    if not args.check:
+        for name in names:
+            replot(name)
     new = updated_page(text)
+    tutorial = TUTORIAL.read_text()
+    new_tutorial = updated_page(tutorial)
     if args.check:
-        stale = new != text
+        stale = new != text or new_tutorial != tutorial
         missing = [n for n in names for image in (RESULTS / n).glob("*.png")
                    if not (FIGURES / f"{n.replace('/', '-')}-{image.name}").exists()]
         if stale or missing:
-            print("docs/benchmarks.md is out of date: run python scripts/publish_benchmarks.py", file=sys.stderr)
+            print("docs are out of date: run python scripts/publish_benchmarks.py", file=sys.stderr)
             return 1
         return 0
     PAGE.write_text(new)
-    for name in names:
-        copy_plots(name)
-    print(f"updated {len(names)} block(s): {', '.join(names)}")
+    TUTORIAL.write_text(new_tutorial)
+    print(f"updated {len(names)} block(s) and their plots: {', '.join(names)}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

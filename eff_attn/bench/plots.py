@@ -3,7 +3,7 @@
 - ``error_vs_budget.png``: relative error against analytic FLOPs, one line
   per method and backend through its budget sweep, at the largest N.
 - ``time_vs_n.png``: warm time against N on log-log axes, one line per
-  method (its middle budget) and backend.
+  method (its middle budget) and backend; only for a sweep over N.
 - ``pareto.png``: relative error against warm time at the largest N; the
   lower-left frontier is the set of methods worth using there.
 """
@@ -28,7 +28,11 @@ def _figure():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from cycler import cycler
 
+    # 20 colours times 4 markers: every method of a full run keeps its own style
+    colours = plt.get_cmap("tab20").colors
+    plt.rcParams["axes.prop_cycle"] = cycler(color=colours) + cycler(marker=["o", "s", "^", "D"] * 5)
     return plt
 
 
@@ -59,7 +63,7 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     for (method, backend), items in sorted(_series(at_max, lambda r: (r["method"], r["backend"])).items()):
         items = sorted((r for r in items if r["flops"]), key=lambda r: r["flops"])
         if items:
-            ax.plot([r["flops"] for r in items], [max(r["rel_fro_median"], floor) for r in items], marker="o",
+            ax.plot([r["flops"] for r in items], [max(r["rel_fro_median"], floor) for r in items],
                     label=f"{method} [{backend}]")
     ax.set(xscale="log", yscale="log", xlabel="analytic FLOPs", ylabel="relative Frobenius error (median)",
            title=f"Error vs budget — {title}")
@@ -72,23 +76,27 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
 
     middle = _middle_budget(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if len({r["n"] for r in rows}) == 1:                                   # one length: no time-vs-N plot
+        plt.close(fig)
+        fig = None
     for (method, backend), items in sorted(_series(rows, lambda r: (r["method"], r["backend"])).items()):
         items = sorted((r for r in items if str(r["budget"]) == middle[(method, backend)]), key=lambda r: r["n"])
-        if len(items) >= 1:
-            ax.plot([r["n"] for r in items], [r["warm_ms"] for r in items], marker="o", label=f"{method} [{backend}]")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="warm time (ms, median)",
-           title="Time vs N")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths.append(out_dir / "time_vs_n.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+        if fig is not None and items:
+            ax.plot([r["n"] for r in items], [r["warm_ms"] for r in items], label=f"{method} [{backend}]")
+    if fig is not None:
+        ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="warm time (ms, median)",
+               title="Time vs N")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        paths.append(out_dir / "time_vs_n.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, backend), items in sorted(_series(at_max, lambda r: (r["method"], r["backend"])).items()):
-        ax.scatter([r["warm_ms"] for r in items], [max(r["rel_fro_median"], floor) for r in items],
-                   label=f"{method} [{backend}]", s=22)
+        ax.plot([r["warm_ms"] for r in items], [max(r["rel_fro_median"], floor) for r in items],
+                linestyle="none", markersize=5, label=f"{method} [{backend}]")
     ax.set(xscale="log", yscale="log", xlabel="warm time (ms, median)", ylabel="relative Frobenius error (median)",
            title=f"Error vs time — {title}")
     ax.grid(True, which="both", alpha=0.3)

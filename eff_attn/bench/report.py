@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["scaling_exponents", "crossovers", "pareto_front", "fastest_within", "markdown_table", "print_table",
+__all__ = ["scaling_exponents", "crossovers", "budget_label", "pareto_front", "fastest_within", "markdown_table", "print_table",
            "write_json", "load_json", "summarise"]
 
 
@@ -64,6 +64,14 @@ def crossovers(rows) -> dict:
     return result
 
 
+def budget_label(row) -> str:
+    """``"window=64"`` for a row of a budget sweep; the bare budget (``"default"``) otherwise."""
+    name = row.get("budget_name")
+    if name and name in (row.get("params") or {}):
+        return f"{name}={row['budget']}"
+    return str(row["budget"])
+
+
 def pareto_front(rows, *, error: str = "rel_fro_median") -> list[dict]:
     """Rows not dominated in (``error``, ``warm_ms``), fastest first.
 
@@ -99,8 +107,8 @@ def markdown_table(rows, *, columns=("method", "budget", "backend", "rel_fro_med
         cells = []
         for c in columns:
             value = row.get(c)
-            if c == "budget" and row.get("budget_name"):
-                value = f"{row['budget_name']}={value}"
+            if c == "budget":
+                value = budget_label(row)
             cells.append(_fmt(value, formats[c]) if c in formats else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -136,7 +144,7 @@ def print_table(result: dict, console=None):
                              ("compile s", "right"), ("peak MB", "right"), ("GFLOP", "right")]:
             table.add_column(col, justify=justify, no_wrap=True)
         for r in (r for r in rows if r["n"] == n):
-            budget = f"{r['budget_name']}={r['budget']}" if r["budget_name"] else ""
+            budget = budget_label(r)
             table.add_row(
                 r["method"], budget, r["backend"], _fmt(r["rel_fro_median"], ".2e"), _fmt(r["rel_spectral_median"], ".2e"),
                 _fmt(r["err_ratio_median"], ".3f"),

@@ -140,7 +140,7 @@ def _backends_for(config: CompareConfig) -> list[str]:
 
 def _budget_list(method, mode: str) -> list[dict]:
     if mode == "default":
-        return [{}]
+        return [dict(method.compare_defaults)]
     return [dict(b) for b in method.budgets]
 
 

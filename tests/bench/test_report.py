@@ -47,11 +47,15 @@ def test_fastest_within_an_error_target():
 
 
 def test_markdown_table_and_json_round_trip(tmp_path):
-    rows = [row("exact", 64, 1.25, err=0.0), {**row("local", 64, 0.5, err=0.3), "budget": 8, "budget_name": "window"}]
+    rows = [row("exact", 64, 1.25, err=0.0),
+            {**row("local", 64, 0.5, err=0.3), "budget": 8, "budget_name": "window", "params": {"window": 8}},
+            {**row("sparsefinder", 64, 0.5, err=0.3), "budget": "state=fit", "budget_name": "top_clusters",
+             "params": {"state": "fit"}}]
     text = markdown_table(rows)
     lines = text.splitlines()
     assert lines[0].startswith("| method | budget | backend | rel. error (median)")
     assert "| local | window=8 | numba | 0.300 | 0.300 | 0.5 | 1 |" in lines
+    assert "| sparsefinder | state=fit | numba | 0.300 | 0.300 | 0.5 | 1 |" in lines       # a default, not a sweep
     rows[0]["rel_fro_median"] = math.nan                                  # written as null, read back as NaN
     path = write_json({"meta": {"config": {}}, "rows": rows, "skipped": []}, tmp_path / "r.json", command="x")
     back = load_json(path)

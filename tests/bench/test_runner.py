@@ -77,3 +77,12 @@ def test_cli_rejects_an_unknown_method(tmp_path, capsys):
     assert code != 0
     assert "method='nope' is not a known method" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_default_budget_runs_a_method_that_needs_a_fitted_state():
+    config = CompareConfig(methods=["sparsefinder"], backends=["numpy"], ns=[40], problem="clustered", heads=1, d=8,
+                           budgets="default", seeds=1, repeats=1, sdpa=False)
+    result = run_compare(config)
+    assert result["skipped"] == []
+    (row,) = result["rows"]
+    assert row["params"] == {"state": "fit"} and row["rel_fro_median"] < 2

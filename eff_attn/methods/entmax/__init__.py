@@ -191,7 +191,7 @@ def entmax_attention(q, k, v, *, backend="auto", mask=None, causal=False, scale=
     sparsemax at ``alpha = 2``, softmax (``exact``) at ``alpha = 1``.
     Time ``O(Nq Nk (D + Dv + c))`` with ``c = log Nk`` (sort) or ``n_iter``
     (bisect); memory ``O(Nq Nk)`` on NumPy, ``O(Bq Nk)`` per worker on Numba
-    (``Bq = 32`` at D = 64) and
+    (``Bq = 128`` at D = 64) and
     ``O(G Bq Nk)`` per query block on CuPy.
 
     Parameters

@@ -341,6 +341,7 @@ METHOD = Method(
     budgets=({"state": "fit", "top_clusters": 1}, {"state": "fit", "top_clusters": 2},
              {"state": "fit", "top_clusters": 3}),
     budget_name="top_clusters",
+    compare_defaults={"state": "fit"},
     sharding=Sharding(split={"graph": ("slice", "query"), "heads": _heads_part}, shared=("fitted_state",),
                       reads_data=_sparsefinder_reads_data),
 )

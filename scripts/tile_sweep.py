@@ -9,23 +9,12 @@ causal forward at D = 64, 8 heads, float32, for each (block_q, block_k).
 from __future__ import annotations
 
 import sys
-import time
-
 import numpy as np
 
 import eff_attn
+from eff_attn.bench.measure import best_time
 
 TILES = [(32, 128), (64, 128), (64, 256), (128, 128), (128, 256), (256, 256), (128, 512)]
-
-
-def best_of(fn, repeats=3):
-    fn()  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(N=4096, heads=8, D=64):
@@ -38,9 +27,9 @@ def main(N=4096, heads=8, D=64):
             _, vjp = eff_attn.attention_vjp(q, k, v, **params)
             vjp(dout)
 
-        fwd = best_of(lambda: eff_attn.attention(q, k, v, **params))
-        both = best_of(forward_backward)
-        causal = best_of(lambda: eff_attn.attention(q, k, v, causal=True, **params))
+        fwd = best_time(lambda: eff_attn.attention(q, k, v, **params))
+        both = best_time(forward_backward)
+        causal = best_time(lambda: eff_attn.attention(q, k, v, causal=True, **params))
         print(f"({block_q:3d}, {block_k:3d})  forward {fwd:.3f} s  "
               f"forward+backward {both:.3f} s  causal {causal:.3f} s", flush=True)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Timing", "time_call", "peak_memory"]
+__all__ = ["Timing", "time_call", "best_time", "peak_memory"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,16 @@ def _timed(fn, device: str) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def best_time(fn, repeats: int = 3, *, device: str = "cpu") -> float:
+    """Seconds of the fastest of ``repeats`` warm calls of ``fn()``, after one warm-up call.
+
+    For scripts that tabulate one number per configuration; ``eff-attn compare``
+    reports the median and spread instead (:func:`time_call`).
+    """
+    _timed(fn, device)
+    return min(_timed(fn, device) for _ in range(repeats))
 
 
 def time_call(fn, *, device: str = "cpu", repeats: int = 5, min_time_s: float = 0.0) -> Timing:

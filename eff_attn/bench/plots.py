@@ -59,50 +59,37 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     floor = 1e-8
     paths = []
 
+    def save(fig, ax, name, **axes):
+        ax.set(xscale="log", yscale="log", **axes)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, backend), items in sorted(_series(at_max, lambda r: (r["method"], r["backend"])).items()):
         items = sorted((r for r in items if r["flops"]), key=lambda r: r["flops"])
         if items:
             ax.plot([r["flops"] for r in items], [max(r["rel_fro_median"], floor) for r in items],
                     label=f"{method} [{backend}]")
-    ax.set(xscale="log", yscale="log", xlabel="analytic FLOPs", ylabel="relative Frobenius error (median)",
-           title=f"Error vs budget — {title}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths.append(out_dir / "error_vs_budget.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, ax, "error_vs_budget.png", xlabel="analytic FLOPs", ylabel="relative Frobenius error (median)",
+         title=f"Error vs budget — {title}")
 
-    middle = _middle_budget(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if len({r["n"] for r in rows}) == 1:                                   # one length: no time-vs-N plot
-        plt.close(fig)
-        fig = None
-    for (method, backend), items in sorted(_series(rows, lambda r: (r["method"], r["backend"])).items()):
-        items = sorted((r for r in items if str(r["budget"]) == middle[(method, backend)]), key=lambda r: r["n"])
-        if fig is not None and items:
+    if len({r["n"] for r in rows}) > 1:                                    # a sweep over N: time against N
+        middle = _middle_budget(rows)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (method, backend), items in sorted(_series(rows, lambda r: (r["method"], r["backend"])).items()):
+            items = sorted((r for r in items if str(r["budget"]) == middle[(method, backend)]), key=lambda r: r["n"])
             ax.plot([r["n"] for r in items], [r["warm_ms"] for r in items], label=f"{method} [{backend}]")
-    if fig is not None:
-        ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="warm time (ms, median)",
-               title="Time vs N")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        paths.append(out_dir / "time_vs_n.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        save(fig, ax, "time_vs_n.png", xlabel="sequence length N", ylabel="warm time (ms, median)",
+             title="Time vs N")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, backend), items in sorted(_series(at_max, lambda r: (r["method"], r["backend"])).items()):
         ax.plot([r["warm_ms"] for r in items], [max(r["rel_fro_median"], floor) for r in items],
                 linestyle="none", markersize=5, label=f"{method} [{backend}]")
-    ax.set(xscale="log", yscale="log", xlabel="warm time (ms, median)", ylabel="relative Frobenius error (median)",
-           title=f"Error vs time — {title}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths.append(out_dir / "pareto.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, ax, "pareto.png", xlabel="warm time (ms, median)", ylabel="relative Frobenius error (median)",
+         title=f"Error vs time — {title}")
     return paths

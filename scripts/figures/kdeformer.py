@@ -19,7 +19,6 @@ About 100 s of CPU time (measured), so under two minutes on two unloaded cores.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import matplotlib
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: E402
 
 import eff_attn  # noqa: E402
+from eff_attn.bench.measure import best_time  # noqa: E402
 from eff_attn.bench import problems  # noqa: E402
 from eff_attn.methods import kdeformer as kde  # noqa: E402
 from eff_attn.metrics import spectral_error  # noqa: E402
@@ -178,24 +178,14 @@ def error_vs_budget(n=1024, heads=4, seeds=3):
     plt.close(fig)
 
 
-def _best_of(fn, reps):
-    fn()
-    best = np.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def timing(sizes=(512, 1024, 2048, 4096, 8192)):
     rows = {"kdeformer (numba, b=64, m=128)": [], "exact (numba)": []}
     for n in sizes:
         q, k, v = problems.gaussian(n, d=64, heads=8, seed=SEED).astype(np.float32)
         reps = 3 if n <= 2048 else 1
         rows["kdeformer (numba, b=64, m=128)"].append(
-            _best_of(lambda: eff_attn.attention(q, k, v, method="kdeformer", backend="numba", rng=0), reps))
-        rows["exact (numba)"].append(_best_of(lambda: eff_attn.attention(q, k, v, backend="numba"), reps))
+            best_time(lambda: eff_attn.attention(q, k, v, method="kdeformer", backend="numba", rng=0), reps))
+        rows["exact (numba)"].append(best_time(lambda: eff_attn.attention(q, k, v, backend="numba"), reps))
     fig, ax = plt.subplots(figsize=(5, 3.8))
     for label, t in rows.items():
         ax.loglog(sizes, t, "o-", label=label)

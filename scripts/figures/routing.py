@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import eff_attn  # noqa: E402
+from eff_attn.bench.measure import best_time  # noqa: E402
 from eff_attn.bench.problems import clustered  # noqa: E402
 from eff_attn.methods.routing import (  # noqa: E402
     RoutingState,
@@ -179,16 +179,6 @@ def kmeans_figure(path, steps=400, N=256, C=16, D=64):
     plt.close(fig)
 
 
-def _best_time(fn, reps=3):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def timing_figure(path, sizes=(1024, 2048, 4096, 8192, 16384), heads=2):
     """Numba routing (both modes) and Numba exact against N; float32, D = 64."""
     times = {"routing argmax": [], "routing balanced": [], "exact": []}
@@ -196,11 +186,11 @@ def timing_figure(path, sizes=(1024, 2048, 4096, 8192, 16384), heads=2):
         problem = clustered(N, d=64, heads=heads, seed=SEED)
         q, k, v = problem.astype(np.float32)
         state = init_centroids(q, k, num_clusters=math.ceil(math.sqrt(N)), rng=SEED)
-        times["routing argmax"].append(_best_time(lambda: eff_attn.routing_attention(q, k, v, state=state,
+        times["routing argmax"].append(best_time(lambda: eff_attn.routing_attention(q, k, v, state=state,
                                                                                      backend="numba")))
-        times["routing balanced"].append(_best_time(lambda: eff_attn.routing_attention(
+        times["routing balanced"].append(best_time(lambda: eff_attn.routing_attention(
             q, k, v, state=state, backend="numba", assignment="balanced")))
-        times["exact"].append(_best_time(lambda: eff_attn.exact_attention(q, k, v, backend="numba")))
+        times["exact"].append(best_time(lambda: eff_attn.exact_attention(q, k, v, backend="numba")))
     fig, ax = plt.subplots(figsize=(6, 4))
     for (label, t), color in zip(times.items(), COLORS):
         slope = np.polyfit(np.log(sizes[-3:]), np.log(t[-3:]), 1)[0]

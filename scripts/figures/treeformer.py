@@ -12,7 +12,6 @@ Run from the repository root: ``python scripts/figures/treeformer.py``.
 from __future__ import annotations
 
 import pathlib
-import time
 
 import matplotlib
 
@@ -21,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import eff_attn  # noqa: E402
+from eff_attn.bench.measure import best_time  # noqa: E402
 from eff_attn.methods import treeformer as tfm  # noqa: E402
 
 OUT = pathlib.Path(__file__).resolve().parents[2] / "docs" / "figures"
@@ -123,16 +123,6 @@ def error_figure():
     for key, values in rows.items():
         print("error", key, " ".join(f"{e:.3f}" for e in values))
     print(f"error uniform {uniform:.3f}")
-
-
-def best_time(fn, repeats=3):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def time_figure():

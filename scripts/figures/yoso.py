@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 
 import matplotlib
@@ -34,8 +33,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import eff_attn  # noqa: E402
+from eff_attn.bench.measure import best_time  # noqa: E402
 from eff_attn.bench import problems  # noqa: E402
-from eff_attn.methods.yoso import collision_probability, draw_yoso_hyperplanes, yoso_codes  # noqa: E402
+from eff_attn.methods.yoso import draw_yoso_hyperplanes, yoso_codes  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "figures"
 SEED = 0
@@ -198,15 +198,6 @@ def surrogate_figure(path):
     plt.close(fig)
 
 
-def _best_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def time_figure(path):
     labels = ("yoso sampled (m=32, tau=ceil(log2 N))", "yoso expectation", "exact (blocked)")
     rows = {label: ([], []) for label in labels}
@@ -224,7 +215,7 @@ def time_figure(path):
             if n == TIME_NS[0]:
                 call()                                                       # compile or load the kernels
             rows[label][0].append(n)
-            rows[label][1].append(_best_time(call, TIME_REPEATS))
+            rows[label][1].append(best_time(call, TIME_REPEATS))
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     for (label, (ns, times)), marker in zip(rows.items(), "osd"):
         ax.loglog(ns, times, marker=marker, ms=4, label=label)

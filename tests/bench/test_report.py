@@ -61,3 +61,19 @@ def test_markdown_table_and_json_round_trip(tmp_path):
     back = load_json(path)
     assert back["meta"]["command"] == "x" and math.isnan(back["rows"][0]["rel_fro_median"])
     assert back["derived"]["scaling_exponent"] == {}
+
+
+def test_best_time_is_the_fastest_warm_call():
+    from eff_attn.bench.measure import best_time
+
+    calls = []
+    durations = iter([0.0, 0.03, 0.01, 0.02])                             # warm-up, then three timed calls
+
+    def fn():
+        import time
+
+        calls.append(1)
+        time.sleep(next(durations))
+
+    t = best_time(fn, 3)
+    assert len(calls) == 4 and 0.01 <= t < 0.02

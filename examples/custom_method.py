@@ -80,15 +80,14 @@ reference = types.SimpleNamespace(forward=reference_forward, backward=reference_
 # --- 2. the Numba kernel: one task per (slice, query), nothing of size Nq x Nk -------
 
 try:
-    from numba import prange
-
-    from eff_attn._jit import kernel
+    from numba import njit, prange
 except ImportError:                                                          # numba is an optional extra
-    kernel = None
+    njit = None
 
-if kernel is not None:
+if njit is not None:
 
-    @kernel
+    # Inside the package, eff_attn._jit.kernel adds the package's settings (cache=True, fast-math).
+    @njit(parallel=True)
     def _sigmoid_rows(q, k, v, keep, causal, o, scale, bias, out):
         G, Nq, D = q.shape
         Nk, Dv = k.shape[1], v.shape[2]
@@ -130,7 +129,7 @@ def flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, **params
 
 def register() -> registry.Method:
     impls = [registry.Impl("numpy", reference), registry.Impl("cupy", reference)]
-    if kernel is not None:
+    if njit is not None:
         impls.insert(1, registry.Impl("numba", numba_impl, differentiable=False))
     method = registry.Method(name=NAME, summary="sigmoid attention (example template)", resolve=resolve,
                              flops=flops, impls=tuple(impls))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def load(name):
     spec = importlib.util.spec_from_file_location(f"eff_attn_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                                         # Numba's cache looks the module up
     spec.loader.exec_module(module)
     return module
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._array import swap_last
 from ..._softmax import safe_row_max, softmax_attend
 from ...masks import visible_pairs
 
@@ -236,10 +237,6 @@ def entmax_probabilities(scores, visible, alpha, z_max, tau_shifted, norm, xp=np
     return xp.where(visible, p, 0) / norm[..., None]                            # (..., Nq, Nk)
 
 
-def _swap(x, xp=np):
-    return xp.swapaxes(x, -1, -2)
-
-
 def _attention_alpha(alpha, q):
     """Per-slice alpha as a float, or an array of shape (..., 1) against (..., Nq)."""
     if np.ndim(alpha) == 0:
@@ -276,7 +273,7 @@ def entmax_attention_reference(q, k, v, *, mask=None, offset=None, scale, alpha=
     support : int64 ndarray of shape (..., Nq)
     """
     Nq, Nk = q.shape[-2], k.shape[-2]
-    scores = scale * (q @ _swap(k))                                             # (..., Nq, Nk)
+    scores = scale * (q @ swap_last(k))                                         # (..., Nq, Nk)
     visible = visible_pairs(mask, offset, Nq, Nk)                               # (..., Nq, Nk)
     a = _attention_alpha(alpha, q)                                              # float or (..., 1)
     P, tau, support = entmax_rows(scores, visible, a, algorithm=algorithm, n_iter=n_iter)  # (..., Nq, Nk)
@@ -297,11 +294,11 @@ def entmax_attention_backward(dout, q, k, v, P, *, scale, alpha, xp=np):
     dk : ndarray of shape (..., Nk, D)
     dv : ndarray of shape (..., Nk, Dv)
     """
-    dP = dout @ _swap(v, xp)                                                    # (..., Nq, Nk)
+    dP = dout @ swap_last(v)                                                    # (..., Nq, Nk)
     dS = entmax_rows_vjp(P, dP, _attention_alpha(alpha, q), xp)                 # (..., Nq, Nk)
-    dv = _swap(P, xp) @ dout                                                    # (..., Nk, Dv)
+    dv = swap_last(P) @ dout                                                    # (..., Nk, Dv)
     dq = scale * (dS @ k)                                                       # (..., Nq, D)
-    dk = scale * (_swap(dS, xp) @ q)                                            # (..., Nk, D)
+    dk = scale * (swap_last(dS) @ q)                                            # (..., Nk, D)
     return dq, dk, dv
 
 

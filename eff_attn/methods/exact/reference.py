@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._array import swap_last
 from ..._softmax import safe_log, softmax_attend, softmax_attend_backward
 from ...masks import visible_pairs
 from . import cpu_blocks
 
 __all__ = ["exact_naive", "exact_blocked", "exact_backward", "forward", "backward"]
-
-
-def _swap(x):
-    return np.swapaxes(x, -1, -2)
 
 
 def exact_naive(q, k, v, *, mask=None, offset=None, scale):
@@ -48,7 +45,7 @@ def exact_naive(q, k, v, *, mask=None, offset=None, scale):
         ``log sum_j exp(S_ij)`` over visible keys, ``-inf`` for empty rows.
     """
     Nq, Nk = q.shape[-2], k.shape[-2]
-    scores = scale * (q @ _swap(k))                                         # (..., Nq, Nk)
+    scores = scale * (q @ swap_last(k))                                     # (..., Nq, Nk)
     visible = visible_pairs(mask, offset, Nq, Nk)                           # (..., Nq, Nk)
     out, lse, _ = softmax_attend(scores, visible, v)                        # (..., Nq, Dv), (..., Nq)
     return out, lse
@@ -86,7 +83,7 @@ def exact_blocked(q, k, v, *, mask=None, offset=None, scale, block_q=64, block_k
         last_key = Nk if offset is None else min(Nk, i1 - 1 + offset + 1)
         for j0 in range(0, last_key, block_k):
             j1 = min(last_key, j0 + block_k)
-            s = scale * (qi @ _swap(k[..., j0:j1, :]))                      # (..., Bq, Bk)
+            s = scale * (qi @ swap_last(k[..., j0:j1, :]))                  # (..., Bq, Bk)
             visible = _block_visibility(mask, offset, i0, i1, j0, j1)       # (..., Bq, Bk)
             s = np.where(visible, s, -np.inf)                               # (..., Bq, Bk)
             mu_new = np.maximum(mu, s.max(axis=-1, keepdims=True))          # (..., Bq, 1)
@@ -138,12 +135,12 @@ def exact_backward(dout, q, k, v, out, lse, *, mask=None, offset=None, scale):
     """
     Nq, Nk = q.shape[-2], k.shape[-2]
     visible = visible_pairs(mask, offset, Nq, Nk)                           # (..., Nq, Nk)
-    scores = np.where(visible, scale * (q @ _swap(k)), -np.inf)             # (..., Nq, Nk)
+    scores = np.where(visible, scale * (q @ swap_last(k)), -np.inf)         # (..., Nq, Nk)
     L = np.where(np.isfinite(lse), lse, 0.0)[..., None]                     # (..., Nq, 1)
     P = np.exp(scores - L)                                                  # (..., Nq, Nk); 0 off V
     dS, dv = softmax_attend_backward(dout, out, P, v)                       # (..., Nq, Nk), (..., Nk, Dv)
     dq = scale * (dS @ k)                                                   # (..., Nq, D)
-    dk = scale * (_swap(dS) @ q)                                            # (..., Nk, D)
+    dk = scale * (swap_last(dS) @ q)                                        # (..., Nk, D)
     return dq, dk, dv
 
 

@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._array import swap_last
 from ..._softmax import softmax_attend, softmax_attend_backward
 from . import DEFAULT_CHUNK, band, band_result, chunk_geometry
 
 __all__ = ["SlidingChunks", "sliding_windows", "overlap_add", "band_visibility", "local_reference", "local_backward",
            "forward", "backward"]
-
-
-def _swap(x, xp=np):
-    return xp.swapaxes(x, -1, -2)
 
 
 def sliding_windows(x, start: int, n_chunks: int, chunk: int, width: int, xp=np):
@@ -161,7 +158,7 @@ def local_reference(q, k, v, *, mask=None, offset=None, scale, window, chunk=DEF
     """
     Nq = q.shape[1]
     ch = SlidingChunks(q, k, v, mask, offset, window, chunk, xp)
-    scores = scale * (ch.q @ _swap(ch.k, xp))                               # (G, n_ch, c, W)
+    scores = scale * (ch.q @ swap_last(ch.k))                               # (G, n_ch, c, W)
     out, lse, _ = softmax_attend(scores, ch.visibility(), ch.v, xp)              # (G, n_ch, c, Dv), (G, n_ch, c)
     return ch.rows(out, Nq), ch.rows(lse[..., None], Nq)[..., 0], ch        # (G, Nq, Dv), (G, Nq)
 
@@ -184,12 +181,12 @@ def local_backward(dout, q, k, v, out, lse, *, mask=None, offset=None, scale, wi
     """
     Nq, Nk = q.shape[1], k.shape[1]
     ch = SlidingChunks(q, k, v, mask, offset, window, chunk, xp)
-    scores = xp.where(ch.visibility(), scale * (ch.q @ _swap(ch.k, xp)), -xp.inf)  # (G, n_ch, c, W)
+    scores = xp.where(ch.visibility(), scale * (ch.q @ swap_last(ch.k)), -xp.inf)  # (G, n_ch, c, W)
     L = ch.split(xp.where(xp.isfinite(lse), lse, 0)[..., None])               # (G, n_ch, c, 1)
     P = xp.exp(scores - L)                                                   # (G, n_ch, c, W); 0 off the band
     dS, dv_win = softmax_attend_backward(ch.split(dout), ch.split(out), P, ch.v, xp)  # (.., c, W), (.., W, Dv)
     dq = ch.rows(scale * (dS @ ch.k), Nq)                                    # (G, Nq, D)
-    dk_win = scale * (_swap(dS, xp) @ ch.q)                                  # (G, n_ch, W, D)
+    dk_win = scale * (swap_last(dS) @ ch.q)                                  # (G, n_ch, W, D)
     dk = overlap_add(dk_win, ch.start, ch.c, Nk, xp)                         # (G, Nk, D)
     dv = overlap_add(dv_win, ch.start, ch.c, Nk, xp)                         # (G, Nk, Dv)
     return dq, dk, dv

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._array import swap_last
 from ..._softmax import masked_softmax, masked_softmax_backward, softmax_attend
 from . import input_scales, segment_bounds
 
@@ -38,10 +39,6 @@ __all__ = [
     "forward",
     "backward",
 ]
-
-
-def _swap(x, xp=np):
-    return xp.swapaxes(x, -1, -2)
 
 
 def averaging_matrix(N: int, m: int, keep=None, xp=np, dtype=np.float64):
@@ -98,7 +95,7 @@ def iterative_pinv(A, iters: int, xp=np):
     c = A.sum(axis=-2).max(axis=-1)                                         # (G,) largest column sum
     r = A.sum(axis=-1).max(axis=-1)                                         # (G,) largest row sum
     cr = (c * r)[:, None, None]                                             # (G, 1, 1)
-    Z = _swap(A, xp) / xp.where(cr > 0, cr, 1)                              # (G, m, m) Z0
+    Z = swap_last(A) / xp.where(cr > 0, cr, 1)                              # (G, m, m) Z0
     eye = xp.eye(m, dtype=A.dtype)                                          # (m, m)
     Zs = [Z]
     for _ in range(iters):
@@ -142,21 +139,21 @@ def iterative_pinv_backward(dZ, A, Zs, xp=np):
         U = 7 * eye - T                                                     # (G, m, m)
         W = 15 * eye - T @ U                                                # (G, m, m)
         Pi = 13 * eye - T @ W                                               # (G, m, m)
-        dZ_step = 0.25 * G_ @ _swap(Pi, xp)                                 # (G, m, m)
-        dPi = 0.25 * _swap(Z, xp) @ G_                                      # (G, m, m)
-        dT = -dPi @ _swap(W, xp)                                            # (G, m, m)
-        dW = -_swap(T, xp) @ dPi                                            # (G, m, m)
-        dT = dT - dW @ _swap(U, xp) + _swap(T, xp) @ dW                     # (G, m, m)
-        dA = dA + dT @ _swap(Z, xp)                                         # (G, m, m)
-        G_ = dZ_step + _swap(A, xp) @ dT                                    # (G, m, m)
+        dZ_step = 0.25 * G_ @ swap_last(Pi)                                 # (G, m, m)
+        dPi = 0.25 * swap_last(Z) @ G_                                      # (G, m, m)
+        dT = -dPi @ swap_last(W)                                            # (G, m, m)
+        dW = -swap_last(T) @ dPi                                            # (G, m, m)
+        dT = dT - dW @ swap_last(U) + swap_last(T) @ dW                     # (G, m, m)
+        dA = dA + dT @ swap_last(Z)                                         # (G, m, m)
+        G_ = dZ_step + swap_last(A) @ dT                                    # (G, m, m)
     col_sums, row_sums = A.sum(axis=-2), A.sum(axis=-1)                     # (G, m), (G, m)
     c, r = col_sums.max(axis=-1), row_sums.max(axis=-1)                     # (G,), (G,)
     cr = c * r                                                              # (G,)
     safe = xp.where(cr > 0, cr, 1)                                          # (G,)
-    kappa = xp.where(cr > 0, (G_ * _swap(A, xp)).sum(axis=(-2, -1)) / safe**2, 0)  # (G,)
+    kappa = xp.where(cr > 0, (G_ * swap_last(A)).sum(axis=(-2, -1)) / safe**2, 0)  # (G,)
     best_col = xp.arange(m) == xp.argmax(col_sums, axis=-1)[:, None]        # (G, m)
     best_row = xp.arange(m) == xp.argmax(row_sums, axis=-1)[:, None]        # (G, m)
-    dA = dA + _swap(G_, xp) / safe[:, None, None]                           # (G, m, m); A = 0 when cr = 0
+    dA = dA + swap_last(G_) / safe[:, None, None]                           # (G, m, m); A = 0 when cr = 0
     dA = dA - (kappa * r)[:, None, None] * best_col[:, None, :]             # column j*: -kappa r
     dA = dA - (kappa * c)[:, None, None] * best_row[:, :, None]             # row i*:    -kappa c
     return dA
@@ -174,7 +171,7 @@ def exact_pinv(A, xp=np):
     cutoff = A.shape[-1] * np.finfo(A.dtype).eps * sigma.max(axis=-1, keepdims=True)  # (G, 1)
     kept = sigma > cutoff                                                   # (G, m)
     inv_sigma = xp.where(kept, 1 / xp.where(kept, sigma, 1), 0)             # (G, m)
-    Z = (_swap(Vh, xp) * inv_sigma[:, None, :]) @ _swap(U, xp)              # (G, m, m)
+    Z = (swap_last(Vh) * inv_sigma[:, None, :]) @ swap_last(U)              # (G, m, m)
     return Z.astype(A.dtype, copy=False)
 
 
@@ -192,7 +189,7 @@ def exact_pinv_backward(dZ, A, Z, xp=np):
     dA : array of shape (G, m, m)
     """
     eye = xp.eye(A.shape[-1], dtype=A.dtype)                                # (m, m)
-    Zt, dZt = _swap(Z, xp), _swap(dZ, xp)                                   # (G, m, m)
+    Zt, dZt = swap_last(Z), swap_last(dZ)                                   # (G, m, m)
     return -Zt @ dZ @ Zt + (eye - A @ Z) @ dZt @ Z @ Zt + Zt @ Z @ dZt @ (eye - Z @ A)
 
 
@@ -246,14 +243,14 @@ def nystrom_reference(q, k, v, *, mask=None, scale, num_landmarks, pinv="iterati
     F_visible = valid_k[:, None, :]                                         # (G, 1, m)
     A_visible = valid_q[:, :, None] & valid_k[:, None, :]                   # (G, m, m)
     B_visible = valid_q[:, :, None] & keep_k[:, None, :]                    # (G, m, Nk)
-    A, _ = masked_softmax(q_hat @ _swap(k_hat, xp), A_visible, xp)          # (G, m, m)
-    BV, _, B = softmax_attend(q_hat @ _swap(kt, xp), B_visible, v, xp)      # (G, m, Dv), (G, m, Nk)
+    A, _ = masked_softmax(q_hat @ swap_last(k_hat), A_visible, xp)          # (G, m, m)
+    BV, _, B = softmax_attend(q_hat @ swap_last(kt), B_visible, v, xp)      # (G, m, Dv), (G, m, Nk)
     if pinv == "exact":
         Z, Zs = exact_pinv(A, xp), None                                     # (G, m, m)
     else:
         Z, Zs = iterative_pinv(A, pinv_iters, xp)                           # (G, m, m)
     W = Z @ BV                                                              # (G, m, Dv)
-    out, _, F = softmax_attend(qt @ _swap(k_hat, xp), F_visible, W, xp)     # (G, Nq, Dv), (G, Nq, m)
+    out, _, F = softmax_attend(qt @ swap_last(k_hat), F_visible, W, xp)     # (G, Nq, Dv), (G, Nq, m)
     res = {
         "F": F, "A": A, "B": B, "Z": Z, "Zs": Zs, "BV": BV, "W": W,
         "valid_q": valid_q, "valid_k": valid_k, "pinv_residual": pinv_residual(A, Z, xp),
@@ -286,12 +283,12 @@ def nystrom_backward(dout, q, k, v, res, *, mask=None, scale, num_landmarks, pin
     a_q, a_k = input_scales(scale)
     qt, kt, Aq, Ak, q_hat, k_hat, _, _ = _landmark_inputs(q, k, mask, scale, m, xp)
     F, A, B, Z, BV, W = (res[name] for name in ("F", "A", "B", "Z", "BV", "W"))
-    dW = _swap(F, xp) @ dout                                                # (G, m, Dv)
-    dF = dout @ _swap(W, xp)                                                # (G, Nq, m)
-    dZ = dW @ _swap(BV, xp)                                                 # (G, m, m)
-    dBV = _swap(Z, xp) @ dW                                                 # (G, m, Dv)
-    dB = dBV @ _swap(v, xp)                                                 # (G, m, Nk)
-    dv = _swap(B, xp) @ dBV                                                 # (G, Nk, Dv)
+    dW = swap_last(F) @ dout                                                # (G, m, Dv)
+    dF = dout @ swap_last(W)                                                # (G, Nq, m)
+    dZ = dW @ swap_last(BV)                                                 # (G, m, m)
+    dBV = swap_last(Z) @ dW                                                 # (G, m, Dv)
+    dB = dBV @ swap_last(v)                                                 # (G, m, Nk)
+    dv = swap_last(B) @ dBV                                                 # (G, Nk, Dv)
     if pinv == "exact":
         dA = exact_pinv_backward(dZ, A, Z, xp)                              # (G, m, m)
     else:
@@ -300,9 +297,9 @@ def nystrom_backward(dout, q, k, v, res, *, mask=None, scale, num_landmarks, pin
     dSA = masked_softmax_backward(dA, A, xp)                                # (G, m, m)
     dSB = masked_softmax_backward(dB, B, xp)                                # (G, m, Nk)
     dq_hat = dSA @ k_hat + dSB @ kt                                         # (G, m, D)
-    dk_hat = _swap(dSF, xp) @ qt + _swap(dSA, xp) @ q_hat                   # (G, m, D)
-    dqt = dSF @ k_hat + _swap(Aq, xp) @ dq_hat                              # (G, Nq, D)
-    dkt = _swap(dSB, xp) @ q_hat + _swap(Ak, xp) @ dk_hat                   # (G, Nk, D)
+    dk_hat = swap_last(dSF) @ qt + swap_last(dSA) @ q_hat                   # (G, m, D)
+    dqt = dSF @ k_hat + swap_last(Aq) @ dq_hat                              # (G, Nq, D)
+    dkt = swap_last(dSB) @ q_hat + swap_last(Ak) @ dk_hat                   # (G, Nk, D)
     return a_q * dqt, a_k * dkt, dv
 
 

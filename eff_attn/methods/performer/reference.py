@@ -40,6 +40,7 @@ import math
 
 import numpy as np
 
+from ..._array import swap_last
 from . import causal_layout, feature_ratio, key_shifts, rescale, scan_factors, total_factors
 
 __all__ = [
@@ -54,10 +55,6 @@ __all__ = [
     "forward",
     "backward",
 ]
-
-
-def _swap(x, xp=np):
-    return xp.swapaxes(x, -1, -2)
 
 
 def feature_logits(x, omega, sqrt_s, xp=np):
@@ -76,7 +73,7 @@ def feature_logits(x, omega, sqrt_s, xp=np):
     """
     xt = x * x.dtype.type(sqrt_s)                                           # (G, N, D)
     half_norm = 0.5 * (xt * xt).sum(axis=-1, keepdims=True)                 # (G, N, 1)
-    return xt @ _swap(omega, xp) - half_norm, xt                            # (G, N, m), (G, N, D)
+    return xt @ swap_last(omega) - half_norm, xt                            # (G, N, m), (G, N, D)
 
 
 def _features(lam, shift, eps, ratio, variant, xp=np):
@@ -141,7 +138,7 @@ def chunk_states(k, v, mask, omega, sqrt_s, *, n_c, chunk, variant, eps, ratio, 
     shifts = key_shifts(chunk_max, variant, eps, xp)                        # (G, n_c)
     safe = xp.where(xp.isfinite(shifts), shifts, 0)[..., None, None]        # (G, n_c, 1, 1)
     b = xp.where(kept, _features(xp.where(kept, lam, safe), safe, eps, ratio, variant, xp), 0)  # (G, n_c, C, m)
-    S = _swap(b, xp) @ vx                                                   # (G, n_c, m, Dv + 1)
+    S = swap_last(b) @ vx                                                   # (G, n_c, m, Dv + 1)
     return b, shifts, vx, S, kt
 
 
@@ -230,7 +227,7 @@ def performer_reference(q, k, v, omega, *, mask=None, offset=None, scale, varian
     else:
         E = scan(S, alpha, beta, xp=xp)                                   # (G, n_c, m, Dv + 1)
         A = _slots(a, n_c, chunk, i_first, p_first, n_valid, xp)            # (G, n_c, C, m)
-        W = xp.where(_causal_tril(chunk, xp), A @ _swap(b, xp), 0)          # (G, n_c, C, C) query x key slot
+        W = xp.where(_causal_tril(chunk, xp), A @ swap_last(b), 0)          # (G, n_c, C, C) query x key slot
         numden = alpha[..., None, None] * (A @ E) + beta[..., None, None] * (W @ vx)  # (G, n_c, C, Dv + 1)
         numden = _unslot(numden, Nq, i_first, p_first, n_valid, xp)        # (G, Nq, Dv + 1)
         res["E"] = E
@@ -298,22 +295,22 @@ def performer_backward(dout, out, res, omega, *, mask=None, offset=None, scale, 
     dO = xp.concatenate([dout * inv, h], axis=-1)                           # (G, Nq, Dv + 1)
     if offset is None:
         total = res["total"]                                                # (G, m, Dv + 1)
-        dtotal = _swap(a, xp) @ dO                                          # (G, m, Dv + 1)
-        da = dO @ _swap(total, xp)                                          # (G, Nq, m)
-        db = beta[..., None, None] * (vx @ _swap(dtotal, xp)[:, None])      # (G, n_c, C, m)
+        dtotal = swap_last(a) @ dO                                          # (G, m, Dv + 1)
+        da = dO @ swap_last(total)                                          # (G, Nq, m)
+        db = beta[..., None, None] * (vx @ swap_last(dtotal)[:, None])      # (G, n_c, C, m)
         dvx = beta[..., None, None] * (b @ dtotal[:, None])                 # (G, n_c, C, Dv + 1)
     else:
         A = _slots(a, n_c, chunk, i_first, p_first, n_valid, xp)            # (G, n_c, C, m)
         dOs = _slots(dO, n_c, chunk, i_first, p_first, n_valid, xp)         # (G, n_c, C, Dv + 1)
-        H = scan(_swap(A, xp) @ dOs, alpha, alpha, reverse=True, xp=xp)  # (G, n_c, m, Dv + 1)
+        H = scan(swap_last(A) @ dOs, alpha, alpha, reverse=True, xp=xp)  # (G, n_c, m, Dv + 1)
         tril = _causal_tril(chunk, xp)                                      # (C, C)
-        U = xp.where(tril, dOs @ _swap(vx, xp), 0)                          # (G, n_c, C, C)
-        W = xp.where(tril, A @ _swap(b, xp), 0)                             # (G, n_c, C, C)
+        U = xp.where(tril, dOs @ swap_last(vx), 0)                          # (G, n_c, C, C)
+        W = xp.where(tril, A @ swap_last(b), 0)                             # (G, n_c, C, C)
         al, be = alpha[..., None, None], beta[..., None, None]              # (G, n_c, 1, 1)
-        dA = al * (dOs @ _swap(res["E"], xp)) + be * (U @ b)                # (G, n_c, C, m)
+        dA = al * (dOs @ swap_last(res["E"])) + be * (U @ b)                # (G, n_c, C, m)
         da = _unslot(dA, Nq, i_first, p_first, n_valid, xp)                 # (G, Nq, m)
-        db = be * (vx @ _swap(H, xp) + _swap(U, xp) @ A)                    # (G, n_c, C, m)
-        dvx = be * (b @ H + _swap(W, xp) @ dOs)                             # (G, n_c, C, Dv + 1)
+        db = be * (vx @ swap_last(H) + swap_last(U) @ A)                    # (G, n_c, C, m)
+        dvx = be * (b @ H + swap_last(W) @ dOs)                             # (G, n_c, C, Dv + 1)
     floor = a.dtype.type(eps * feature_ratio(variant, m))                  # df/dlambda = f - floor
     b_keys = b.reshape(G, -1, m)[:, :Nk]                                    # (G, Nk, m)
     dlam_q = da * (a - floor)                                               # (G, Nq, m)

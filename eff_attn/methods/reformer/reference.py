@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._array import swap_last
 from ..._hashing import inverse_permutation, stable_key_argsort
 from ..._softmax import safe_log, softmax_attend
 from . import SELF_SCORE, assign_buckets, shared_keys
@@ -47,10 +48,6 @@ __all__ = [
     "forward",
     "backward",
 ]
-
-
-def _swap(x, xp=np):
-    return xp.swapaxes(x, -1, -2)
 
 
 def sort_into_chunks(buckets, chunk_size: int, xp=np):
@@ -231,7 +228,7 @@ def reformer_reference(q, k, v, *, mask=None, offset=None, scale, buckets_q, buc
     """
     keys = shared_keys(q, xp) if shared_qk else k                           # (G, N, D)
     w = _windows(q, keys, v, buckets_q, buckets_k, chunk_size, shared_qk, xp)
-    S = scale * (w["Qw"] @ _swap(w["Kw"], xp))                              # (R, G, n_c, c, w)
+    S = scale * (w["Qw"] @ swap_last(w["Kw"]))                              # (R, G, n_c, c, w)
     S, visible, share, self_seen = logits(S, w["qpos"], w["kpos"], w["chunk_q"], w["chunk_k"], mask, offset,
                                           shared_qk, dedup, xp)
     out_r, lse_r, _ = softmax_attend(S, visible, w["Vw"], xp)               # (R, G, n_c, c, Dv), (R, G, n_c, c)
@@ -274,19 +271,19 @@ def reformer_backward(dout, q, k, v, out, res, *, mask=None, offset=None, scale,
     buckets_q, buckets_k = res["buckets"]
     keys = shared_keys(q, xp) if shared_qk else k                           # (G, N, D)
     w = _windows(q, keys, v, buckets_q, buckets_k, chunk_size, shared_qk, xp)
-    S = scale * (w["Qw"] @ _swap(w["Kw"], xp))                              # (R, G, n_c, c, w)
+    S = scale * (w["Qw"] @ swap_last(w["Kw"]))                              # (R, G, n_c, c, w)
     S, visible, _, _ = logits(S, w["qpos"], w["kpos"], w["chunk_q"], w["chunk_k"], mask, offset,
                               shared_qk, dedup, xp)
     L = gather(res["lse"], w["qpos"], xp)[..., None]                        # (R, G, n_c, c, 1)
     P = xp.exp(xp.where(visible, S - xp.where(xp.isfinite(L), L, 0), -xp.inf))  # (R, G, n_c, c, w)
     dO = gather(dout, w["qpos"], xp)                                        # (R, G, n_c, c, Dv)
     delta = gather((dout * out).sum(axis=-1), w["qpos"], xp)[..., None]     # (R, G, n_c, c, 1)
-    dVw = _swap(P, xp) @ dO                                                 # (R, G, n_c, w, Dv)
-    dS = P * (dO @ _swap(w["Vw"], xp) - delta)                              # (R, G, n_c, c, w)
+    dVw = swap_last(P) @ dO                                                 # (R, G, n_c, w, Dv)
+    dS = P * (dO @ swap_last(w["Vw"]) - delta)                              # (R, G, n_c, c, w)
     if shared_qk:
         dS = xp.where(w["kpos"][..., None, :] == w["qpos"][..., :, None], 0, dS)  # constant self score
     dQw = scale * (dS @ w["Kw"])                                            # (R, G, n_c, c, D)
-    dKw = scale * (_swap(dS, xp) @ w["Qw"])                                 # (R, G, n_c, w, D)
+    dKw = scale * (swap_last(dS) @ w["Qw"])                                 # (R, G, n_c, w, D)
     dq = to_positions(dQw, w["inv_q"], xp).sum(axis=0)                      # (G, N, D)
     dkeys = to_positions(fold_previous_chunk(dKw, xp), w["inv_k"], xp).sum(axis=0)  # (G, N, D)
     dv = to_positions(fold_previous_chunk(dVw, xp), w["inv_k"], xp).sum(axis=0)     # (G, N, Dv)

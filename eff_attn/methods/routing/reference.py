@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._array import swap_last
 from ..._softmax import softmax_attend, softmax_attend_backward
 from ...masks import visible_pairs
 from . import finish_res
@@ -53,10 +54,6 @@ __all__ = [
 ]
 
 
-def _swap(x, xp=np):
-    return xp.swapaxes(x, -1, -2)
-
-
 def routing_scores(x, centroids, head_of, xp=np):
     """``R = xhat mu^T`` per slice, in the input dtype.
 
@@ -74,7 +71,7 @@ def routing_scores(x, centroids, head_of, xp=np):
     norm = xp.sqrt((x * x).sum(axis=-1, keepdims=True))                    # (G, N, 1)
     xhat = x / xp.where(norm > 0, norm, 1)                                  # (G, N, D)
     mu = centroids[head_of]                                                 # (G, C, D)
-    return xhat @ _swap(mu, xp)                                             # (G, N, C)
+    return xhat @ swap_last(mu)                                             # (G, N, C)
 
 
 def top_windows(R, w, dropped, keep_dropped):
@@ -96,7 +93,7 @@ def top_windows(R, w, dropped, keep_dropped):
     int64 array of shape (G, C, w)
     """
     N = R.shape[-2]
-    neg = -_swap(R) + 0.0                                                   # (G, C, N); -0.0 -> +0.0
+    neg = -swap_last(R) + 0.0                                               # (G, C, N); -0.0 -> +0.0
     if dropped is not None:
         neg = np.where(dropped[:, None, :], np.inf, neg)                    # (G, C, N)
     order = np.argsort(neg, axis=-1, kind="stable")[..., :w]                # (G, C, w) best first
@@ -152,7 +149,7 @@ def argmax_pattern(plan, mask, offset, Nq, Nk):
 def argmax_attention(q, k, v, plan, *, mask, offset, scale):
     """``out_i = sum_{j in V_i, a^K_j = a^Q_i} softmax_j(S_ij) v_j``; returns (out, lse)."""
     M = argmax_pattern(plan, mask, offset, q.shape[1], k.shape[1])          # (G, Nq, Nk)
-    scores = scale * (q @ _swap(k))                                         # (G, Nq, Nk)
+    scores = scale * (q @ swap_last(k))                                     # (G, Nq, Nk)
     out, lse, _ = softmax_attend(scores, M, v)                              # (G, Nq, Dv), (G, Nq)
     return out, lse
 
@@ -161,11 +158,11 @@ def argmax_backward(dout, q, k, v, out, lse, plan, *, mask, offset, scale):
     """exact's backward on the routed pattern ``M``: ``P = exp(S - L)`` on ``M``,
     ``dS = P (dO v^T - delta)``, ``dq = s dS k``, ``dk = s dS^T q``, ``dv = P^T dO``."""
     M = argmax_pattern(plan, mask, offset, q.shape[1], k.shape[1])          # (G, Nq, Nk)
-    scores = np.where(M, scale * (q @ _swap(k)), -np.inf)                   # (G, Nq, Nk)
+    scores = np.where(M, scale * (q @ swap_last(k)), -np.inf)               # (G, Nq, Nk)
     L = np.where(np.isfinite(lse), lse, 0.0)[..., None]                     # (G, Nq, 1)
     P = np.exp(scores - L)                                                  # (G, Nq, Nk); 0 off M
     dS, dv = softmax_attend_backward(dout, out, P, v)                       # (G, Nq, Nk), (G, Nk, Dv)
-    return scale * (dS @ k), scale * (_swap(dS) @ q), dv
+    return scale * (dS @ k), scale * (swap_last(dS) @ q), dv
 
 
 # --- balanced mode: static windows -------------------------------------------------
@@ -182,7 +179,7 @@ def _window_tiles(q, k, v, qwin, kwin, limits, scale, xp=np):
     Qc = _gather(q, qwin, xp)                                               # (G, C, wQ, D)
     Kc = _gather(k, kwin, xp)                                               # (G, C, wK, D)
     Vc = _gather(v, kwin, xp)                                               # (G, C, wK, Dv)
-    S = scale * (Qc @ _swap(Kc, xp))                                        # (G, C, wQ, wK)
+    S = scale * (Qc @ swap_last(Kc))                                        # (G, C, wQ, wK)
     visible = (kwin >= 0)[..., None, :] & (kwin[..., None, :] <= limits[qwin][..., None])   # (G, C, wQ, wK)
     return Qc, Kc, Vc, S, visible
 
@@ -207,7 +204,7 @@ def window_backward(dO, q, k, v, O, lse, qwin, kwin, limits, scale, xp=np):
     L = xp.where(xp.isfinite(lse), lse, 0)[..., None]                       # (G, C, wQ, 1)
     P = xp.exp(xp.where(visible, S - L, -xp.inf))                           # (G, C, wQ, wK); 0 off the window
     dS, dV = softmax_attend_backward(dO, O, P, Vc, xp)                      # (G, C, wQ, wK), (G, C, wK, Dv)
-    return scale * (dS @ Kc), scale * (_swap(dS, xp) @ Qc), dV
+    return scale * (dS @ Kc), scale * (swap_last(dS) @ Qc), dV
 
 
 def _fallback_windows(plan):
@@ -302,7 +299,7 @@ def attention_matrix(q, k, plan, *, mask, offset, scale):
     memory stays ``O(Nq Nk)``).
     """
     G, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
-    scores = scale * (q @ _swap(k))                                         # (G, Nq, Nk)
+    scores = scale * (q @ swap_last(k))                                     # (G, Nq, Nk)
     visible = visible_pairs(mask, offset, Nq, Nk)                           # (..., Nq, Nk)
     eye = np.eye(Nk, dtype=q.dtype)                                         # (Nk, Nk): A = softmax-weights of v = I
     if plan.assignment == "argmax":

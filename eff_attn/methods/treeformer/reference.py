@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._array import swap_last
 from ..._softmax import softmax_attend, softmax_attend_backward
 from ...masks import visible_pairs
 from . import _common
@@ -40,10 +41,6 @@ __all__ = [
     "forward",
     "backward",
 ]
-
-
-def _swap(x):
-    return np.swapaxes(x, -1, -2)
 
 
 def route_slices(x, w, b, tree_of_slice, height, keep=None):
@@ -92,7 +89,7 @@ def tf_attention(q, k, v, leaf_q, leaf_k, visible, scale):
     """
     same_leaf = leaf_q[..., :, None] == leaf_k[..., None, :]                # (G, Nq, Nk)
     allowed = same_leaf & (leaf_k >= 0)[..., None, :] & visible             # (G, Nq, Nk) M
-    scores = scale * (q @ _swap(k))                                         # (G, Nq, Nk)
+    scores = scale * (q @ swap_last(k))                                     # (G, Nq, Nk)
     out, lse, P = softmax_attend(scores, allowed, v)                        # (G, Nq, Dv), (G, Nq), (G, Nq, Nk)
     return out, lse, P, allowed
 
@@ -105,7 +102,7 @@ def tf_backward(dout, q, k, v, out, P, scale):
     """
     dS, dv = softmax_attend_backward(dout, out, P, v)                       # (G, Nq, Nk), (G, Nk, Dv)
     dq = scale * (dS @ k)                                                   # (G, Nq, D)
-    dk = scale * (_swap(dS) @ q)                                            # (G, Nk, D)
+    dk = scale * (swap_last(dS) @ q)                                        # (G, Nk, D)
     return dq, dk, dv
 
 
@@ -140,11 +137,11 @@ def tc_attention(q, k, v, leaf_q, leaf_k, height, scale):
     counts = C.sum(axis=-2)                                                 # (G, 2L-1) N_m
     nonempty = counts > 0                                                   # (G, 2L-1)
     per_node = np.where(nonempty, counts, 1)[..., None]                     # (G, 2L-1, 1)
-    kbar = (_swap(C) @ k) / per_node                                        # (G, 2L-1, D)
-    vbar = (_swap(C) @ v) / per_node                                        # (G, 2L-1, Dv)
+    kbar = (swap_last(C) @ k) / per_node                                    # (G, 2L-1, D)
+    vbar = (swap_last(C) @ v) / per_node                                    # (G, 2L-1, Dv)
     on_path = (Pq @ A.T) > 0                                                # (G, Nq, 2L-1) pi
     allowed = on_path & nonempty[..., None, :]                              # (G, Nq, 2L-1)
-    scores = scale * (q @ _swap(kbar))                                      # (G, Nq, 2L-1)
+    scores = scale * (q @ swap_last(kbar))                                  # (G, Nq, 2L-1)
     out, lse, P = softmax_attend(scores, allowed, vbar)                     # (G, Nq, Dv), (G, Nq), (G, Nq, 2L-1)
     nodes = {"C": C, "counts": counts, "kbar": kbar, "vbar": vbar, "allowed": allowed}
     return out, lse, P, nodes
@@ -164,7 +161,7 @@ def tc_backward(dout, q, k, v, out, P, nodes, scale):
     C, counts, kbar, vbar = nodes["C"], nodes["counts"], nodes["kbar"], nodes["vbar"]
     dS, dvbar = softmax_attend_backward(dout, out, P, vbar)                 # (G, Nq, 2L-1), (G, 2L-1, Dv)
     dq = scale * (dS @ kbar)                                                # (G, Nq, D)
-    dkbar = scale * (_swap(dS) @ q)                                         # (G, 2L-1, D)
+    dkbar = scale * (swap_last(dS) @ q)                                     # (G, 2L-1, D)
     per_node = np.where(counts > 0, counts, 1)[..., None]                   # (G, 2L-1, 1)
     dk = C @ (dkbar / per_node)                                             # (G, Nk, D)
     dv = C @ (dvbar / per_node)                                             # (G, Nk, Dv)

@@ -44,6 +44,7 @@ import math
 import numpy as np
 from numba import cuda
 
+from ..._array import swap_last
 from ..._cuda import launch_rows, threads_per_block, to_xp, xp_of
 from ..._hashing import sign_bit_codes, stable_key_argsort
 from .reference import YosoOps, entry_points
@@ -270,10 +271,6 @@ def _block_k(G, Nq, itemsize, tiles):
     return 1 << (fit.bit_length() - 1)
 
 
-def _swap(a, xp):
-    return xp.swapaxes(a, -1, -2)
-
-
 def _expectation_sum(q_unit, k_unit, v, mask, tau, damping):
     xp = xp_of(v)
     G, Nq, _ = q_unit.shape
@@ -285,7 +282,7 @@ def _expectation_sum(q_unit, k_unit, v, mask, tau, damping):
     row_mass = xp.zeros((G, Nq), dtype=v.dtype)
     for j0 in range(0, Nk, Bk):
         j1 = min(Nk, j0 + Bk)
-        P = xp.matmul(q_unit, _swap(k_unit[:, j0:j1], xp))                   # (G, Nq, Bk) cosines
+        P = xp.matmul(q_unit, swap_last(k_unit[:, j0:j1]))                   # (G, Nq, Bk) cosines
         launch_rows(_weight_tile_kernel, G * Nq, P, keep, has_keep, j0, tau, damping, False, False, no_w)
         row_mass += P.sum(axis=-1)                                           # (G, Nq)
         u += xp.matmul(P, v[:, j0:j1])                                       # (G, Nq, Dv)
@@ -303,13 +300,13 @@ def _expectation_backward(du, q_unit, k_unit, v, mask, tau, damping, grad):
     dv = xp.empty_like(v)
     for j0 in range(0, Nk, Bk):
         j1 = min(Nk, j0 + Bk)
-        P = xp.matmul(q_unit, _swap(k_unit[:, j0:j1], xp))                   # (G, Nq, Bk) cosines
+        P = xp.matmul(q_unit, swap_last(k_unit[:, j0:j1]))                   # (G, Nq, Bk) cosines
         W = xp.empty_like(P)
         launch_rows(_weight_tile_kernel, G * Nq, P, keep, has_keep, j0, tau, damping, grad == "exact", True, W)
-        dv[:, j0:j1] = xp.matmul(_swap(P, xp), du)                           # (G, Bk, Dv) P^T du
-        dx = xp.matmul(du, _swap(v[:, j0:j1], xp)) * W                       # (G, Nq, Bk)
+        dv[:, j0:j1] = xp.matmul(swap_last(P), du)                           # (G, Bk, Dv) P^T du
+        dx = xp.matmul(du, swap_last(v[:, j0:j1])) * W                       # (G, Nq, Bk)
         dq += xp.matmul(dx, k_unit[:, j0:j1])                                # (G, Nq, D)
-        dk[:, j0:j1] = xp.matmul(_swap(dx, xp), q_unit)                      # (G, Bk, D)
+        dk[:, j0:j1] = xp.matmul(swap_last(dx), q_unit)                      # (G, Bk, D)
     return dq, dk, dv
 
 

@@ -106,7 +106,8 @@ def numba_forward(q, k, v, *, mask, offset, scale, bias):
     q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
     keep = np.empty((0, 0), dtype=bool) if mask is None else mask
     out = np.empty(q.shape[:2] + v.shape[2:], dtype=q.dtype)
-    _sigmoid_rows(q, k, v, keep, offset is not None, offset or 0, q.dtype.type(scale), q.dtype.type(_bias(bias, k.shape[1])), out)
+    bias = q.dtype.type(_bias(bias, k.shape[1]))
+    _sigmoid_rows(q, k, v, keep, offset is not None, offset or 0, q.dtype.type(scale), bias, out)
     return out, {}
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["scaling_exponents", "crossovers", "budget_label", "pareto_front", "fastest_within", "markdown_table", "print_table",
-           "write_json", "load_json", "summarise"]
+__all__ = ["scaling_exponents", "crossovers", "budget_label", "pareto_front", "fastest_within", "markdown_table",
+           "print_table", "write_json", "load_json", "summarise"]
 
 
 def _key(row) -> tuple:

@@ -40,18 +40,10 @@ def _prepare(q, k, v, mask, offset, window, block_q, block_k):
         k = np.where(mask[..., None], k, 0)
         v = np.where(mask[..., None], v, 0)
     o, wL, wR = band(offset, q.shape[1], k.shape[1], window)
-    if block_q is None:                                                    # a block of Bq rows computes Bq + wL + wR
-        block_q = min(cpu_blocks(q.shape[2], v.shape[2])[0], _band_block(wL + wR))  # scores per row: keep Bq ~ the band
-    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2], block_q, block_k)
+    tile_q, block_k = cpu_blocks(q.shape[2], v.shape[2], None, block_k)
+    if block_q is None:                                                    # a row computes Bq + wL + wR scores, so
+        block_q = min(tile_q, max(16, 1 << max(wL + wR - 1, 0).bit_length()))  # Bq: a power of two ~ the band
     return k, v, (o, wL, wR), block_q, block_k
-
-
-def _band_block(width: int) -> int:
-    """Smallest power of two ``>= width``, at least 16."""
-    block = 16
-    while block < width:
-        block *= 2
-    return block
 
 
 def computed_pairs(G: int, Nq: int, Nk: int, o: int, wL: int, wR: int, block_q: int) -> int:

@@ -4,7 +4,8 @@ Matches :func:`eff_attn.methods.topk_oracle.reference.topk_oracle_reference`.
 ``prange`` over (slice, query block); a task holds one (Bq, Nk) score block,
 and for each row selects the ``k`` best visible scores in O(Nk) (a partition
 for the k-th best, then one scan; ties keep the lower index), orders them by
-a stable sort of ``k`` items, and runs an exact max-shifted softmax over them. The row's full logsumexp gives ``mass_kept``.
+a stable sort of ``k`` items, and runs an exact max-shifted softmax over
+them. The row's full logsumexp gives ``mass_kept``.
 Forward only: the oracle's backward is NumPy's.
 """
 

@@ -279,10 +279,10 @@ def _not_causal(problem, params):
     return []
 
 
-
 def _kdeformer_reads_data(problem, params) -> bool:
     """Injected sample indices were drawn for these data."""
     return params.get("sample_idx") is not None
+
 
 METHOD = Method(
     name="kdeformer",

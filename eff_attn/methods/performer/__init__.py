@@ -249,10 +249,10 @@ def info(problem, params, res) -> dict:
     }
 
 
-
 def _performer_queries_independent(problem, params) -> bool:
     """Non-causal queries read only the shared key state; causal ones need the prefix scan."""
     return not problem.causal
+
 
 METHOD = Method(
     name="performer",

@@ -323,10 +323,10 @@ def info(problem, params, res) -> dict:
     }
 
 
-
 def _reformer_reads_data(problem, params) -> bool:
     """Shared-QK hashing normalises the queries, so its draw depends on the data."""
     return bool(params.get("shared_qk"))
+
 
 METHOD = Method(
     name="reformer",

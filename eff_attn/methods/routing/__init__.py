@@ -364,7 +364,6 @@ def _cupy_reasons(problem, params) -> list[str]:
     return reasons
 
 
-
 def _routing_plan_part(plan, part):
     """The routing plan of the slices a distributed task owns."""
     return plan.map_arrays(lambda a, t: a[part.slices])
@@ -373,6 +372,7 @@ def _routing_plan_part(plan, part):
 def _routing_reads_data(problem, params) -> bool:
     """Without a state, the centroids are fitted to the data."""
     return params.get("state") is None
+
 
 METHOD = Method(
     name="routing",

@@ -180,8 +180,9 @@ def draw(rng, problem, params) -> dict:
 
     One sequence per slice: the state's head shape is the inputs' leading
     shape. At most ``FIT_ON_INPUT_QUERIES`` queries per slice train it
-    (:func:`_fit_queries`); the centroids and threshold see the same rows. The fit sees the gold graph of these very inputs, so it measures
-    what a predictor of this kind can reach, not how it generalises.
+    (:func:`_fit_queries`); the centroids and threshold see the same rows.
+    The fit sees the gold graph of these very inputs, so it measures what a
+    predictor of this kind can reach, not how it generalises.
     """
     if params.get("state_source") != "fitted_on_input":
         return {}
@@ -313,7 +314,6 @@ def _check(problem, params):
     return []
 
 
-
 def _heads_part(heads, part):
     """The per-slice prediction arrays of the slices a distributed task owns."""
     return dataclasses.replace(heads, **{
@@ -325,6 +325,7 @@ def _heads_part(heads, part):
 def _sparsefinder_reads_data(problem, params) -> bool:
     """``state="fit"`` fits projections to the call's own q and k."""
     return isinstance(params.get("state"), str)
+
 
 METHOD = Method(
     name="sparsefinder",

@@ -50,7 +50,6 @@ from .graph import (
 __all__ = ["forward"]
 
 
-
 @cuda.jit(device=True)
 def _kept(keep, has_mask, g, j):
     return (not has_mask) or keep[g, j]

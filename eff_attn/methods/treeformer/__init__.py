@@ -99,6 +99,7 @@ FIT_STEPS = 50
 #: to choose the returned tree by its loss (a tree fitted on few queries overfits them).
 FIT_MAX_QUERIES = 128
 
+
 def _resolve(variant, problem, state, height, tree_init) -> dict:
     if variant == "tc" and problem.causal:
         raise NotSupportedError(TC_CAUSAL_MESSAGE)
@@ -259,7 +260,6 @@ def _impls(supports_causal: bool):
     )
 
 
-
 def _tree_part(tree, part):
     """The bound tree of the slices a distributed task owns (the trees themselves are shared)."""
     return dataclasses.replace(tree, tree_of_slice=tree.tree_of_slice[part.slices])
@@ -299,6 +299,7 @@ TC_METHOD = Method(
     budget_name="height",
     sharding=_SHARDING,
 )
+
 
 def treeformer_tf_attention(q, k, v, *, backend="auto", mask=None, causal=False, scale=None, rng=None,
                             return_info=False, state=None, height=None, tree_init=None):

@@ -9,6 +9,9 @@ backends.
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import numpy as np
 
 from .interop import array_module
@@ -49,6 +52,7 @@ def launch_rows(kernel, num_rows: int, *args, threads: int | None = None):
     if not simulated():
         kernel[num_rows, threads](*args)
         return
+    _serialise_simulator_shared_arrays()
     # The simulator moves host arrays whole: give it contiguous, writable
     # copies of views and read-only arrays, and write the copies back after.
     staged = [
@@ -60,6 +64,43 @@ def launch_rows(kernel, num_rows: int, *args, threads: int | None = None):
     for a, b in zip(args, staged):
         if a is not b and a.flags.writeable:
             np.copyto(a, b)
+
+
+_shared_lock = threading.Lock()
+
+
+def _serialise_simulator_shared_arrays():
+    """Make the simulator's ``cuda.shared.array`` allocation atomic (once per process).
+
+    The simulator runs a block's threads as Python threads and gives them one
+    shared array per call site: the first thread to reach the line allocates
+    it, the others look it up. The look-up and the allocation are not locked,
+    so two threads that reach the line together can each allocate their own
+    array, and the block no longer shares it (seen as rows left at zero when
+    threads switch often). Here the look-up and allocation run under a lock;
+    dynamic shared memory (``shape == 0``) is left to the simulator.
+    """
+    from numba.cuda.simulator import kernelapi
+
+    if getattr(kernelapi.FakeCUDAShared.array, "serialised", False):
+        return
+    allocate = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:
+            return allocate(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        site = (caller.f_code.co_filename, caller.f_lineno)                # one array per call site, as the simulator
+        with _shared_lock:
+            found = self._allocations.get(site)
+            if found is None:
+                if isinstance(dtype, kernelapi.types.Type):                    # a Numba type, as the simulator accepts
+                    dtype = kernelapi.numpy_support.as_dtype(dtype)
+                found = self._allocations[site] = np.empty(shape, dtype)
+        return found
+
+    array.serialised = True
+    kernelapi.FakeCUDAShared.array = array
 
 
 def host(a) -> np.ndarray:

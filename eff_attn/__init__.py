@@ -16,6 +16,26 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the same names, for static readers (type checkers, the API docs)
+    from .api import attention, attention_vjp, backends
+    from .registry import NotSupportedError, method_names
+    from .methods.exact import exact_attention
+    from .methods.uniform import uniform_attention
+    from .methods.topk_oracle import topk_oracle_attention
+    from .methods.yoso import yoso_attention
+    from .methods.kdeformer import kdeformer_attention
+    from .methods.local import local_attention
+    from .methods.performer import performer_attention
+    from .methods.routing import routing_attention
+    from .methods.nystrom import nystrom_attention
+    from .methods.reformer import reformer_attention
+    from .methods.treeformer import treeformer_tc_attention, treeformer_tf_attention
+    from .methods.entmax import (
+        entmax15, entmax15_vjp, entmax_attention, entmax_bisect, entmax_bisect_vjp, sparsemax, sparsemax_vjp,
+    )
+    from .methods.sparsefinder import sparsefinder_attention
 
 __version__ = "0.1.0"
 

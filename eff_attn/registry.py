@@ -76,8 +76,6 @@ class Impl:
         any object with those attributes (for methods defined at run time).
     dtypes : tuple of str, default=("float32", "float64")
     supports_mask, supports_causal, differentiable : bool
-    deterministic_given_rng : bool, default=True
-        Same inputs and seed give the same output on every call.
     check : callable, optional
         ``check(problem, params) -> list[str]`` with extra reasons this
         implementation cannot run these inputs (e.g. an algorithm it lacks).
@@ -89,7 +87,6 @@ class Impl:
     supports_mask: bool = True
     supports_causal: bool = True
     differentiable: bool = True
-    deterministic_given_rng: bool = True
     check: Callable[[Any, dict], list[str]] | None = None
 
     @property
@@ -216,7 +213,6 @@ class Method:
     info: Callable[..., dict] | None = None
     budgets: tuple[dict, ...] = ({},)
     budget_name: str = ""
-    extra: dict = field(default_factory=dict)
     compare_defaults: dict = field(default_factory=dict)
     sharding: Sharding | None = None
 

@@ -1,4 +1,16 @@
-"""The backend test-class pattern; see ``tests/conftest.py``."""
+"""The backend test-class pattern; see ``tests/conftest.py``.
+
+Backend agreement has one convention: a test that compares its backend with
+the NumPy reference takes the ``numpy_reference`` fixture of
+:class:`BackendCase` and computes the expected values through it::
+
+    def test_agrees_with_numpy_reference(self, numpy_reference):
+        out = self.run(q, k, v, rng=4)
+        assert_close(out, numpy_reference.run(q, k, v, rng=4), rel=1e-10)
+
+The fixture skips the test on the NumPy class itself, where it could only
+compare NumPy with NumPy and so could never fail.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +22,23 @@ import pytest
 import eff_attn
 from eff_attn import _backend
 from eff_attn.testing import emulate_cupy
+
+
+class NumpyReference:
+    """One method on the NumPy backend: what every other backend agrees with."""
+
+    def __init__(self, method: str):
+        self.method = method
+
+    def run(self, q, k, v, **kw):
+        """``eff_attn.attention`` on the NumPy backend (host arrays)."""
+        kw.setdefault("method", self.method)
+        return eff_attn.attention(q, k, v, backend="numpy", **kw)
+
+    def run_vjp(self, q, k, v, **kw):
+        """``eff_attn.attention_vjp`` on the NumPy backend (host arrays)."""
+        kw.setdefault("method", self.method)
+        return eff_attn.attention_vjp(q, k, v, backend="numpy", **kw)
 
 
 class BackendCase:
@@ -40,6 +69,16 @@ class BackendCase:
                     sys.setswitchinterval(previous)
             else:
                 yield
+
+    @pytest.fixture
+    def numpy_reference(self) -> NumpyReference:
+        """The NumPy reference of ``self.METHOD``, for a backend-agreement test.
+
+        Skips the test on the NumPy class, where agreement is NumPy with itself.
+        """
+        if self.BACKEND == "numpy":
+            pytest.skip("backend agreement: the NumPy class would compare the reference with itself")
+        return NumpyReference(self.METHOD)
 
     @property
     def small(self) -> bool:

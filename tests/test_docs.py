@@ -166,6 +166,28 @@ def test_display_math_is_a_paragraph_of_its_own():
     assert not found, "$$ blocks without a blank line before and after:\n" + "\n".join(found)
 
 
+LIST_ITEM = re.compile(r"^ {0,3}(\d+\.|[-*+]) ")
+
+
+def test_list_items_after_a_paragraph_start_a_new_item():
+    """An item whose text goes on after a blank line needs a blank line before the next item,
+    or Python-Markdown runs the next ``3. ...`` into the paragraph as plain text."""
+    found = []
+    for page in PAGES:
+        lines = _prose(page.read_text()).split("\n")
+        in_item, blank_since = False, False
+        for number, line in enumerate(lines):
+            if LIST_ITEM.match(line):
+                if in_item and blank_since and lines[number - 1].startswith(" ") and lines[number - 1].strip():
+                    found.append(f"{_rel(page)}:{number + 1}: {line[:60]!r}")
+                in_item, blank_since = True, False
+            elif not line.strip():
+                blank_since = True
+            elif not line.startswith(" "):
+                in_item = False
+    assert not found, "list items run into the paragraph before them (add a blank line):\n" + "\n".join(found)
+
+
 def test_no_parenthesis_follows_another():
     """``text (a) (b)``: usually one aside pasted next to an older copy of itself."""
     found = []

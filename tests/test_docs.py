@@ -338,3 +338,34 @@ def test_exact_time_memory_figure_has_readable_ticks():
         assert not _overlapping_tick_labels(fig)
     finally:
         module.plt.close(fig)
+
+
+# --- numbers from committed runs ------------------------------------------------------
+
+def _numbers_publisher():
+    spec = importlib.util.spec_from_file_location("publish_docs_numbers", ROOT / "scripts" / "publish_docs_numbers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docs_numbers_match_their_committed_runs():
+    assert _numbers_publisher().main(["--check"]) == 0, "run python scripts/publish_docs_numbers.py"
+
+
+def test_generated_table_block(tmp_path):
+    publisher = _numbers_publisher()
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"command": "python x.py", "machine": "2 cores", "columns": ["N", "time"],
+                               "formats": {"time": "{:.2f} s"}, "rows": [[1024, 0.0625], [2048, None]]}))
+    assert publisher.render_table(run) == (
+        "| N | time |\n|---|---|\n| 1024 | 0.06 s |\n| 2048 |  |\n\n"
+        f"Command: `python x.py`; raw data: `{run.as_posix()}`; 2 cores.\n")
+    publisher.RENDERERS["unit-test"] = lambda: "fresh\n"
+    try:
+        page = "prose\n<!-- BEGIN numbers:unit-test -->\nstale\n<!-- END numbers:unit-test -->\nmore prose\n"
+        assert publisher.updated(page) == page.replace("stale", "fresh")
+    finally:
+        del publisher.RENDERERS["unit-test"]
+    with pytest.raises(ValueError, match="numbers:nowhere"):
+        publisher.updated("<!-- BEGIN numbers:nowhere -->\n<!-- END numbers:nowhere -->")

@@ -283,7 +283,7 @@ def _page_problems(page: dict) -> list[str]:
 
 
 @needs_mkdocs
-def test_every_page_renders_in_chromium(built_site, request):
+def test_every_page_renders_in_chromium(built_site, capsys):
     missing = _browser_missing()
     if missing:
         if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
@@ -303,10 +303,9 @@ def test_every_page_renders_in_chromium(built_site, request):
     assert len(pages) >= 20
     failures = {path: _page_problems(page) for path, page in pages.items()}
     failures = {path: problems for path, problems in failures.items() if problems}
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"\n{report['chromium']}: {len(pages)} pages checked, {len(failures)} with problems; "
-                            f"screenshots in {shots}")
+    with capsys.disabled():                              # the count shows in every run's output
+        print(f"\n{report['chromium']}: {len(pages)} pages checked, {len(failures)} with problems; "
+              f"screenshots in {shots}")
     assert not failures, "pages that render wrong in Chromium:\n" + "\n".join(
         f"{path}: " + "; ".join(problems) for path, problems in failures.items())
 

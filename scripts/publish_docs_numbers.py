@@ -37,7 +37,7 @@ DOCS = ROOT / "docs"
 BLOCK = re.compile(r"(<!-- BEGIN numbers:(?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!-- END numbers:(?P=name) -->)",
                    re.S)
 #: a number with a unit of time, a speed-up, or a throughput: what --survey flags outside generated blocks
-MEASURED = re.compile(r"\d(?:[\d.,]*\d)?\s?(?:ms|s|µs|us|×|x faster|M entries/s|GB/s|MiB|GiB|MB)\b(?![-/])"
+MEASURED = re.compile(r"\d(?:[\d.,]*\d)?\s?(?:ms|s|µs|us|×|x faster|M entries/s|GB/s|MiB|GiB|MB)(?![\w/-])"
                       r"|\|\s*\d+\.\d+\s*(?:±\s*\d+\.\d+\s*)?\|")
 FENCE = re.compile(r"^ *```.*?^ *```", re.S | re.M)
 

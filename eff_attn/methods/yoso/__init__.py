@@ -532,6 +532,8 @@ METHOD = Method(
     ),
     budgets=({"num_hashes": 8}, {"num_hashes": 16}, {"num_hashes": 32}, {"num_hashes": 64}),
     budget_name="num_hashes",
+    # normalize_output divides each output row by its norm: the output no longer scales with v.
+    value_degree=lambda params: 0 if params["normalize_output"] else 1,
     # eff_attn.dist: hyperplanes (drawn or given) and given codes are per slice (a length-1 axis is
     # shared); a query's output needs only its own codes and every key's table, so queries may split.
     sharding=Sharding(

@@ -184,6 +184,7 @@ def check_inputs(q, k, v, *, mask=None, causal=False, scale=None, check_finite=T
     NotSupportedError
         float16/bfloat16 inputs.
     """
+    check_finite = check_bool("check_finite", check_finite)
     named = {"q": q, "k": k, "v": v}
     arrays, frameworks, devices = {}, {}, {}
     for name, x in named.items():

@@ -268,13 +268,16 @@ def attention_vjp(q, k, v, *, method="exact", backend="auto", mask=None, causal=
     Notes
     -----
     Like the tensors torch saves for backward, ``q``, ``k`` and ``v`` are
-    held **by reference** (NumPy and CuPy inputs are not copied): the
-    pullback reads them again when it is called. Do not modify them in
-    place between the forward pass and ``vjp(dout)``; if you do, a NumPy
-    or CuPy ``vjp`` computes the gradient at the modified values. For
-    torch inputs the pullback checks each tensor's version counter and
-    raises ``RuntimeError`` naming the modified argument, as torch's
-    autograd does. JAX arrays are immutable.
+    held **by reference** (NumPy and CuPy inputs are not copied, which would
+    double their memory): the pullback reads them again when it is called.
+    Do not modify them in place between the forward pass and
+    ``vjp(dout)``. If you do, the gradients of NumPy or CuPy inputs are
+    undefined: they mix the forward's saved quantities (the logsumexp, the
+    routing) with the new values, and no error is raised. For torch inputs
+    the pullback checks each tensor's version counter and raises
+    ``RuntimeError`` naming the modified argument, as torch's autograd
+    does. JAX arrays are immutable. The returned gradients are new arrays:
+    editing the inputs after ``vjp`` returned does not change them.
     """
     call = prepare(q, k, v, method=method, backend=backend, mask=mask, causal=causal, scale=scale,
                    rng=rng, check_finite=check_finite, need_grad=True, **params)

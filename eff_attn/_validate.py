@@ -396,8 +396,7 @@ def value_rescale(v) -> float:
     """
     if v.size == 0:
         return 1.0
-    xp = interop.array_module(v)
-    top = float(xp.max(xp.abs(v)))
+    top = max(float(v.max()), -float(v.min()))                               # max |v|, no temporary
     finfo = np.finfo(v.dtype)
     if not math.isfinite(top) or top <= 2.0 ** (finfo.maxexp // 2):
         return 1.0

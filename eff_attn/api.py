@@ -243,9 +243,19 @@ def attention(q, k, v, *, method="exact", backend="auto", mask=None, causal=Fals
     return (result, build_info(call, res)) if return_info else result
 
 
+def _version(x):
+    """A torch tensor's in-place version counter; None where it has none (inference-mode tensors)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 def _versions(named: dict) -> dict:
-    """``name -> (tensor, version)`` for the torch inputs (their in-place version counters)."""
-    return {name: (x, x._version) for name, x in named.items() if interop.framework_of(x) == "torch"}
+    """``name -> (tensor, version)`` for the torch inputs that track in-place edits."""
+    torch_inputs = {name: x for name, x in named.items() if interop.framework_of(x) == "torch"}
+    versions = {name: (x, _version(x)) for name, x in torch_inputs.items()}
+    return {name: pair for name, pair in versions.items() if pair[1] is not None}
 
 
 def attention_vjp(q, k, v, *, method="exact", backend="auto", mask=None, causal=False, scale=None,

@@ -152,7 +152,8 @@ def _as_float(name: str, value) -> float:
     try:
         return float(value)
     except OverflowError:
-        raise ValueError(f"{name} must be finite, got a number too large for a float ({type(value).__name__})") from None
+        too_big = f"a number too large for a float ({type(value).__name__})"
+        raise ValueError(f"{name} must be finite, got {too_big}") from None
 
 
 def check_inputs(q, k, v, *, mask=None, causal=False, scale=None, check_finite=True) -> Problem:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,9 @@ __all__ = [
     "check_choice",
     "check_bool",
     "check_array_shape",
+    "check_memory",
+    "memory_limit",
+    "value_rescale",
 ]
 
 _FLOAT_DTYPES = ("float32", "float64")
@@ -143,6 +147,15 @@ def _first_bad(a):
     return tuple(int(i) for i in bad[0])
 
 
+def _as_float(name: str, value) -> float:
+    """``float(value)``; a real too large for a float (``10**400``) is a ValueError naming ``name``."""
+    try:
+        return float(value)
+    except OverflowError:
+        too_big = f"a number too large for a float ({type(value).__name__})"
+        raise ValueError(f"{name} must be finite, got {too_big}") from None
+
+
 def check_inputs(q, k, v, *, mask=None, causal=False, scale=None, check_finite=True) -> Problem:
     """Validate attention inputs and flatten them into a :class:`Problem`.
 
@@ -172,15 +185,13 @@ def check_inputs(q, k, v, *, mask=None, causal=False, scale=None, check_finite=T
     NotSupportedError
         float16/bfloat16 inputs.
     """
+    check_finite = check_bool("check_finite", check_finite)
     named = {"q": q, "k": k, "v": v}
     arrays, frameworks, devices = {}, {}, {}
     for name, x in named.items():
         if x is None:
             raise TypeError(f"{name} is None; expected an array of shape (..., N, D)")
-        try:
-            arrays[name], frameworks[name], devices[name] = interop.to_kernel_array(x, name)
-        except TypeError as exc:
-            raise TypeError(f"{name}: {exc}") from None
+        arrays[name], frameworks[name], devices[name] = interop.to_kernel_array(x, name)
     if len(set(frameworks.values())) > 1 or len(set(devices.values())) > 1:
         where = ", ".join(f"{n} is {frameworks[n]} on {devices[n]}" for n in named)
         raise TypeError(f"q, k and v must come from one framework and device; {where}")
@@ -264,7 +275,7 @@ def check_inputs(q, k, v, *, mask=None, causal=False, scale=None, check_finite=T
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    elif not math.isfinite(float(scale)):
+    elif not math.isfinite(_as_float("scale", scale)):
         raise ValueError(f"scale must be finite, got {scale}")
     return Problem(
         q=qf, k=kf, v=vf, mask=maskf, offset=offset, scale=float(scale), batch_shape=batch_shape,
@@ -292,7 +303,7 @@ def check_float(name: str, value, *, minimum=None, maximum=None, open_min=False,
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    value = _as_float(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None and (value < minimum or (open_min and value == minimum)):
@@ -325,3 +336,69 @@ def check_array_shape(name: str, a, expected: tuple, what: str = ""):
         want = "(..., " + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{name} must have shape {want}{what}, got shape {shape}")
     return a
+
+
+def _format_bytes(n: int) -> str:
+    for unit, size in (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def memory_limit(device: str = "cpu") -> int:
+    """Bytes one array may take at most: the host's physical memory, or the GPU's total memory.
+
+    No allocation can exceed what the machine has, so :func:`check_memory`
+    refuses such sizes before anything is allocated or drawn.
+    """
+    if device == "gpu":
+        import cupy
+
+        return int(cupy.cuda.Device().mem_info[1])
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): the 48-bit address space
+        return 2**48
+
+
+def check_memory(name: str, value, shape, itemsize: int = 8, *, device: str = "cpu", what: str = "an array"):
+    """Refuse a parameter whose array of ``shape`` (``itemsize`` bytes each) cannot fit in memory.
+
+    Called from a method's ``resolve`` with the largest array a parameter
+    sizes, before anything is allocated or drawn. The message names the
+    parameter, its value and the bytes it would need.
+
+    Raises
+    ------
+    ValueError
+        If ``prod(shape) * itemsize`` exceeds :func:`memory_limit`.
+    """
+    need = math.prod(int(n) for n in shape) * int(itemsize)
+    limit = memory_limit(device)
+    if need > limit:
+        raise ValueError(
+            f"{name}={value} is too large: {what} of shape {tuple(int(n) for n in shape)} would need "
+            f"{need} bytes ({_format_bytes(need)}), more than this machine's {_format_bytes(limit)} of memory"
+        )
+    return value
+
+
+def value_rescale(v) -> float:
+    """A power of two ``c`` such that ``v / c`` keeps every method's sums inside the dtype's range.
+
+    Every method's output is linear in ``v`` (``out = A(q, k) v``), so
+    running on ``v / c`` and multiplying the output by ``c`` gives the same
+    result, exactly (``c`` is a power of two), while sums such as
+    ``sum_j v_j`` no longer overflow float32 when ``max |v|`` is near the
+    top of the range. ``c = 1`` (no rescaling) unless ``max |v|`` exceeds
+    ``2**(maxexp / 2)`` (``2**64`` in float32, ``2**512`` in float64);
+    then ``c = 2**e`` with ``max |v / c|`` in ``[0.5, 1)``. Non-finite or
+    empty ``v`` give 1.
+    """
+    if v.size == 0:
+        return 1.0
+    top = max(float(v.max()), -float(v.min()))                               # max |v|, no temporary
+    finfo = np.finfo(v.dtype)
+    if not math.isfinite(top) or top <= 2.0 ** (finfo.maxexp // 2):
+        return 1.0
+    return 2.0 ** math.frexp(top)[1]

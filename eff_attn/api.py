@@ -19,12 +19,12 @@ quantities (the logsumexp, codes, supports) that also feeds ``info``.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import _backend, interop, masks
-from ._validate import Problem, check_inputs
+from ._validate import Problem, check_inputs, value_rescale
 from .registry import BACKENDS, Impl, Method, NotSupportedError, get_method, not_supported_reasons
 
 __all__ = ["attention", "attention_vjp", "backends", "prepare", "AUTO_NUMBA_MIN_PAIRS"]
@@ -37,25 +37,49 @@ AUTO_NUMBA_MIN_PAIRS = 1 << 20
 
 @dataclass(frozen=True)
 class Call:
-    """A validated, dispatched call: everything a backend needs."""
+    """A validated, dispatched call: everything a backend needs.
+
+    ``v_scale`` is the power of two ``c`` that ``problem.v`` was divided by
+    (:func:`eff_attn._validate.value_rescale`). A method's output is
+    homogeneous of degree ``d = value_degree`` in ``v`` (``d = 1`` for
+    ``out = A(q, k) v``), so :meth:`run_forward` multiplies the backend's
+    output by ``c**d``, and :meth:`run_backward` multiplies ``dq`` and ``dk``
+    by ``c**d`` and ``dv`` by ``c**(d - 1)``. An empty batch (``G = 0``) runs no backend: the results are
+    empty arrays.
+    """
 
     method: Method
     impl: Impl
     problem: Problem
     params: dict
     kwargs: dict
+    v_scale: float = 1.0
+    value_degree: int = 1
+
+    @property
+    def out_scale(self) -> float:
+        return self.v_scale ** self.value_degree
 
     def run_forward(self):
         p = self.problem
-        return self.impl.load().forward(
+        if p.G == 0:
+            res = {"empty_rows": p.xp.zeros((0, p.Nq), dtype=bool), "flops": 0}
+            return p.xp.zeros((0, p.Nq, p.Dv), dtype=p.q.dtype), res
+        out, res = self.impl.load().forward(
             p.q, p.k, p.v, mask=p.mask, offset=p.offset, scale=p.scale, **self.kwargs
         )
+        return (out, res) if self.out_scale == 1 else (out * self.out_scale, res)
 
     def run_backward(self, dout, out, res):
         p = self.problem
-        return self.impl.load().backward(
-            dout, p.q, p.k, p.v, out, res, mask=p.mask, offset=p.offset, scale=p.scale, **self.kwargs
+        if p.G == 0:
+            return p.xp.zeros_like(p.q), p.xp.zeros_like(p.k), p.xp.zeros_like(p.v)
+        c, s = self.v_scale, self.out_scale
+        dq, dk, dv = self.impl.load().backward(
+            dout, p.q, p.k, p.v, out if s == 1 else out / s, res, mask=p.mask, offset=p.offset, scale=p.scale,
+            **self.kwargs
         )
+        return (dq, dk, dv) if c == 1 else (dq * s, dk * s, dv * (s / c))
 
 
 def backends() -> dict[str, dict]:
@@ -120,11 +144,16 @@ def prepare(q, k, v, *, method="exact", backend="auto", mask=None, causal=False,
     to time the backend call alone.
     """
     problem = check_inputs(q, k, v, mask=mask, causal=causal, scale=scale, check_finite=check_finite)
+    v_scale = value_rescale(problem.v)
+    if v_scale != 1:  # max |v| near the dtype's range: run on v / 2**e, exactly (see Call)
+        problem = replace(problem, v=problem.v / problem.v.dtype.type(v_scale))
     m = get_method(method)
     resolved = _resolve_params(m, problem, params)
+    degree = m.value_degree(resolved) if callable(m.value_degree) else m.value_degree
     impl = _select_impl(m, backend, problem, resolved, need_grad)
-    drawn = m.draw(rng, problem, resolved) if m.draw is not None else {}
-    return Call(method=m, impl=impl, problem=problem, params=resolved, kwargs={**resolved, **drawn})
+    drawn = m.draw(rng, problem, resolved) if m.draw is not None and problem.G > 0 else {}
+    return Call(method=m, impl=impl, problem=problem, params=resolved, kwargs={**resolved, **drawn},
+                v_scale=v_scale, value_degree=degree)
 
 
 def _scalar_params(params: dict) -> dict:
@@ -135,7 +164,7 @@ def build_info(call: Call, res: dict) -> dict:
     """The ``info`` dict of a call: the base keys plus the method's own."""
     p = call.problem
     m = call.method
-    extra = m.info(p, call.params, res) if m.info is not None else {}
+    extra = m.info(p, call.params, res) if m.info is not None and p.G > 0 else {}
     if "empty_rows" in res:
         empty = res["empty_rows"]
     else:
@@ -192,15 +221,41 @@ def attention(q, k, v, *, method="exact", backend="auto", mask=None, causal=Fals
     -------
     out : array of shape (..., Nq, Dv)
         In the caller's framework, on the caller's device, in the input dtype.
-        Rows that see no key are 0.
+        Rows that see no key are 0. An empty batch (a leading axis of size 0)
+        gives an empty output for every method, with the base ``info`` keys
+        only (``flops`` 0); the parameters are still checked.
     info : dict
         Only with ``return_info=True``.
+
+    Notes
+    -----
+    Every method's output is linear in ``v`` (or, for row-normalised
+    outputs, independent of its scale). When ``max |v|`` is near the top of
+    the dtype's range (above ``2**64`` in float32), the call runs on
+    ``v / 2**e`` and multiplies the output by ``2**e`` (``2**(e d)`` for a
+    method of degree ``d`` in ``v``), which is exact, so intermediate sums
+    over keys cannot overflow where the output itself is representable.
     """
     call = prepare(q, k, v, method=method, backend=backend, mask=mask, causal=causal, scale=scale,
                    rng=rng, check_finite=check_finite, **params)
     out, res = call.run_forward()
     result = interop.from_kernel_array(call.problem.unflatten(out), call.problem.framework)
     return (result, build_info(call, res)) if return_info else result
+
+
+def _version(x):
+    """A torch tensor's in-place version counter; None where it has none (inference-mode tensors)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
+def _versions(named: dict) -> dict:
+    """``name -> (tensor, version)`` for the torch inputs that track in-place edits."""
+    torch_inputs = {name: x for name, x in named.items() if interop.framework_of(x) == "torch"}
+    versions = {name: (x, _version(x)) for name, x in torch_inputs.items()}
+    return {name: pair for name, pair in versions.items() if pair[1] is not None}
 
 
 def attention_vjp(q, k, v, *, method="exact", backend="auto", mask=None, causal=False, scale=None,
@@ -219,14 +274,35 @@ def attention_vjp(q, k, v, *, method="exact", backend="auto", mask=None, causal=
         broadcast axes). Randomised methods replay the forward's draws.
     info : dict
         Only with ``return_info=True``.
+
+    Notes
+    -----
+    Like the tensors torch saves for backward, ``q``, ``k`` and ``v`` are
+    held **by reference** (NumPy and CuPy inputs are not copied, which would
+    double their memory): the pullback reads them again when it is called.
+    Do not modify them in place between the forward pass and
+    ``vjp(dout)``. If you do, the gradients of NumPy or CuPy inputs are
+    undefined: they mix the forward's saved quantities (the logsumexp, the
+    routing) with the new values, and no error is raised. For torch inputs
+    the pullback checks each tensor's version counter and raises
+    ``RuntimeError`` naming the modified argument, as torch's autograd
+    does. JAX arrays are immutable. The returned gradients are new arrays:
+    editing the inputs after ``vjp`` returned does not change them.
     """
     call = prepare(q, k, v, method=method, backend=backend, mask=mask, causal=causal, scale=scale,
                    rng=rng, check_finite=check_finite, need_grad=True, **params)
     out, res = call.run_forward()
     p = call.problem
     out_shape = (*p.batch_shape, p.Nq, p.Dv)
+    versions = _versions({"q": q, "k": k, "v": v})
 
     def vjp(dout):
+        for name, (x, version) in versions.items():
+            if x._version != version:
+                raise RuntimeError(
+                    f"{name} was modified in place after the forward pass (torch version {version} -> "
+                    f"{x._version}); the pullback would use the new values. Clone it before editing."
+                )
         d, framework, _ = interop.to_kernel_array(dout, "dout")
         if tuple(d.shape) != out_shape:
             raise ValueError(f"dout must have the output's shape {out_shape}, got {tuple(d.shape)}")

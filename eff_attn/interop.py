@@ -21,8 +21,11 @@ __all__ = ["framework_of", "to_kernel_array", "from_kernel_array", "array_module
 _HALF_DTYPES = ("float16", "bfloat16")
 
 
-def framework_of(x) -> str:
-    """Name of the framework that owns ``x``: numpy, cupy, torch or jax."""
+def framework_of(x, name: str | None = None) -> str:
+    """Name of the framework that owns ``x``: numpy, cupy, torch or jax.
+
+    ``name`` (the argument's name) starts the error message when given.
+    """
     if is_numpy_array(x) or isinstance(x, np.generic):
         return "numpy"
     if is_cupy_array(x):
@@ -31,7 +34,8 @@ def framework_of(x) -> str:
         return "torch"
     if is_jax_array(x):
         return "jax"
-    raise TypeError(f"expected a NumPy, CuPy, torch or JAX array, got {type(x).__name__}")
+    prefix = "" if name is None else f"{name}: "
+    raise TypeError(f"{prefix}expected a NumPy, CuPy, torch or JAX array, got {type(x).__name__}")
 
 
 def array_module(x):
@@ -60,12 +64,15 @@ def to_kernel_array(x, name: str):
 
     Raises
     ------
+    TypeError
+        If ``x`` is not an array of a known framework; the message starts
+        with ``name``.
     NotSupportedError
         For float16/bfloat16 inputs (cast them to float32 first), and for
         torch tensors that require grad (use :mod:`eff_attn.torch`, which
         differentiates through the package's backward pass).
     """
-    framework = framework_of(x)
+    framework = framework_of(x, name)
     if framework == "numpy":
         return np.asarray(x), framework, "cpu"
     if framework == "cupy":

@@ -202,6 +202,12 @@ class Method:
     sharding : Sharding, optional
         How :mod:`eff_attn.dist` splits a call into tasks; ``None`` runs the
         whole call as one task.
+    value_degree : int or callable, default=1
+        ``d`` with ``out(q, k, c v) = c**d out(q, k, v)`` for ``c > 0``: 1
+        for ``out = A(q, k) v``, 0 for an output normalised per row. A
+        callable ``value_degree(params) -> int`` gets the resolved
+        parameters. The API uses it to run on ``v / 2**e`` when ``max |v|``
+        nears the dtype's range (see :func:`eff_attn._validate.value_rescale`).
     """
 
     name: str
@@ -215,6 +221,7 @@ class Method:
     budget_name: str = ""
     compare_defaults: dict = field(default_factory=dict)
     sharding: Sharding | None = None
+    value_degree: int | Callable[[dict], int] = 1
 
     @property
     def randomized(self) -> bool:

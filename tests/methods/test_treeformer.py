@@ -648,6 +648,31 @@ def test_route_takes_float32_and_per_head_trees():
     assert tfm.path_nodes(np.array([-1, 3]), 2).tolist() == [[-1, -1, -1], [0, 2, 6]]
 
 
+def rank_split(p):
+    """Midway between the two middle projections by rank: the median for an even count (random data)."""
+    p = np.sort(p)
+    return (p[len(p) // 2 - 1] + p[len(p) // 2]) / 2
+
+
+def test_split_of_an_odd_count_sits_between_points_not_on_one():
+    rng = np.random.default_rng(7)
+    q, k, _ = random_qkv(rng, batch=(), Nq=20, Nk=11, D=4)                  # 31 points: the median is a point
+    tree = tfm.init_tree_pca(q, k, 1)
+    p = np.concatenate([q, k]) @ tree.w[0]
+    assert (p + tree.b[0] < 0).sum() == 15                                  # floor(31 / 2) go right
+    assert np.abs(p + tree.b[0]).min() > 1e-3 * np.abs(p).max()             # no point near the hyperplane
+    assert tree.b[0] == pytest.approx(-rank_split(p), abs=1e-12)
+
+
+def test_tied_points_move_the_split_to_the_nearest_gap():
+    x = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 2.0, 3.0])[:, None]            # middle gap (1 | 1) is empty
+    tree = tfm.init_tree_pca(x, x[:0], 1)
+    assert tree.w[0, 0] == 1.0 and tree.b[0] == -0.5                        # gaps at ranks 1 and 5 tie: the lower
+    same = tfm.init_tree_pca(np.ones((5, 2)), np.ones((0, 2)), 2)
+    assert (tfm.route(np.ones((5, 2)), same) == 0).all()                    # no gap at all: every point left
+    assert (np.ones((5, 2)) @ same.w[0] + same.b[0] > 0).all()
+
+
 def test_pca_median_init_is_balanced_signed_and_deterministic():
     rng = np.random.default_rng(2)
     q, k, _ = random_qkv(rng, batch=(), Nq=64, Nk=64, D=5)
@@ -658,7 +683,7 @@ def test_pca_median_init_is_balanced_signed_and_deterministic():
     top = np.linalg.svd(X - X.mean(0))[2][0]
     top = top if top[np.argmax(np.abs(top))] > 0 else -top
     assert_close(tree.w[0], top, rel=1e-12)
-    assert tree.b[0] == pytest.approx(-np.median(X @ top), abs=1e-12)
+    assert tree.b[0] == pytest.approx(-rank_split(X @ top), abs=1e-12)
     again = tfm.init_tree_pca(q, k, 3)
     assert np.array_equal(again.w, tree.w) and np.array_equal(again.b, tree.b)
     lonely = tfm.init_tree_pca(q[:1], k[:0], 2)                             # fewer than two points: e_0, bias 0
@@ -682,14 +707,14 @@ def test_bias_update_recentres_on_medians_and_depth_update_keeps_old_nodes():
     tree = tfm.init_tree(3, 2, rng=0)
     centred = tfm.update_tree_bias(tree, q, k, mask=mask)
     X = np.concatenate([q, k[mask]])
-    assert centred.b[0] == pytest.approx(-np.median(X @ tree.w[0]), abs=1e-12)
+    assert centred.b[0] == pytest.approx(-rank_split(X @ tree.w[0]), abs=1e-12)
     root_only = TreeformerState(centred.w[:1], centred.b[:1], 1)
     left = X[tfm.route(X, root_only) == 0]
-    assert centred.b[1] == pytest.approx(-np.median(left @ tree.w[1]), abs=1e-12)
+    assert centred.b[1] == pytest.approx(-rank_split(left @ tree.w[1]), abs=1e-12)
     deeper = tfm.update_tree_depth(centred, q, k, mask=mask)
     assert deeper.height == 3 and np.array_equal(deeper.w[:3], centred.w) and np.array_equal(deeper.b[:3], centred.b)
     in_leaf2 = X[tfm.route(X, centred) == 2]
-    assert deeper.b[3 + 2] == pytest.approx(-np.median(in_leaf2 @ deeper.w[5]), abs=1e-12)
+    assert deeper.b[3 + 2] == pytest.approx(-rank_split(in_leaf2 @ deeper.w[5]), abs=1e-12)
     ids = tfm.route(X, deeper) >> 1
     assert (ids == tfm.route(X, centred)).all()                             # children refine the old leaves
 
@@ -959,3 +984,19 @@ def test_tree_init_fit_chooses_its_tree_on_held_out_queries_reproducibly():
     pca = eff_attn.attention(q, k, v, method="treeformer_tc", backend="numpy", height=2)[0, rows]
     exact = dense_attention(q, k, v, True)[0][0, rows]
     assert history.holdout_loss[0] == pytest.approx(np.sum((pca - exact) ** 2) / np.sum(exact**2), rel=1e-10)
+
+
+def test_height_beyond_what_the_points_can_use_is_refused_before_allocating():
+    q, k, v = random_qkv(np.random.default_rng(0), batch=(1,), Nq=16, Nk=16, D=8)
+    with pytest.raises(ValueError, match=r"height=20 is too large for a tree built from this call's Nq \+ Nk = 32"):
+        eff_attn.attention(q, k, v, method="treeformer_tc", backend="numpy", height=20)
+    out = eff_attn.attention(q, k, v, method="treeformer_tc", backend="numpy", height=5)   # 32 leaves: allowed
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", ["treeformer_tf", "treeformer_tc"])
+def test_nan_query_propagates_instead_of_failing_the_svd(method):
+    q, k, v = random_qkv(np.random.default_rng(1), batch=(1,), Nq=40, Nk=40, D=4)
+    q[0, 3] = np.nan
+    out = eff_attn.attention(q, k, v, method=method, backend="numpy", height=2, check_finite=False)
+    assert np.isnan(out[0, 3]).all() and np.isfinite(np.delete(out[0], 3, axis=0)).all()

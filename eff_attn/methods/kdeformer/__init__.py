@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..._validate import check_choice, check_int
+from ..._validate import check_choice, check_int, check_memory
 from ...random import as_generator
 from ...registry import Impl, Method, NotSupportedError, Sharding
 from ._common import (
@@ -148,6 +148,8 @@ def resolve(problem, *, num_bits=DEFAULT_NUM_BITS, block_size=DEFAULT_BLOCK_SIZE
     r = check_int("num_bits", num_bits, minimum=0, maximum=30)
     b = check_int("block_size", block_size, minimum=1)
     m = check_int("num_samples", num_samples, minimum=0)
+    check_memory("num_samples", m, (problem.G, m, 2 + problem.D + problem.Dv), device=problem.device,
+                 what="the sampled keys and values")
     params = {
         "num_bits": r,
         "block_size": b,

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from ... import interop, masks
-from ..._validate import check_bool, check_choice, check_float, check_int
+from ..._validate import check_bool, check_choice, check_float, check_int, check_memory
 from ...random import as_generator, orthogonal_gaussian
 from ...registry import Impl, Method, Sharding
 
@@ -121,6 +121,9 @@ def resolve(problem, *, num_features=None, orthogonal=True, feature_norms="chi",
                              "they cannot be combined with explicit features=")
         features = _check_features(features, problem, num_features)
         num_features = features.shape[-2]
+    if num_features is not None:  # the feature maps of the queries and keys: (G, Nq + Nk, m)
+        check_memory("num_features", num_features, (problem.G, problem.Nq + problem.Nk, num_features),
+                     problem.q.dtype.itemsize, device=problem.device, what="the feature maps")
     if problem.scale <= 0:
         raise ValueError(f"performer needs scale > 0 (q and k are scaled by sqrt(scale)), got {problem.scale}")
     return {

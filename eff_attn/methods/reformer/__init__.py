@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..._validate import check_bool, check_int
+from ..._validate import check_bool, check_int, check_memory
 from ...random import as_generator
 from ...registry import Impl, Method, NotSupportedError, Sharding
 
@@ -243,6 +243,8 @@ def resolve(problem, *, num_hashes=None, num_buckets=None, chunk_size=DEFAULT_CH
         first = given[0] if isinstance(given, (tuple, list)) else given
         num_hashes = DEFAULT_HASHES if first is None else first.shape[0]
     num_hashes = check_int("num_hashes", num_hashes, minimum=1)
+    check_memory("num_hashes", num_hashes, (num_hashes, problem.G, 2 * N + problem.D), device=problem.device,
+                 what="the bucket ids, sort orders and rotations")
     if shared_qk and not bool(problem.xp.array_equal(problem.q, problem.k)):
         raise ValueError("shared_qk=True uses the queries as keys; pass k=None or k=q")
     if rotations is not None:

@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from ... import masks
-from ..._validate import check_bool, check_choice, check_inputs, check_int
+from ..._validate import check_bool, check_choice, check_inputs, check_int, check_memory
 from ...registry import Impl, Method, Sharding
 from ...testing import to_host
 from .kmeans import (
@@ -119,6 +119,8 @@ def resolve(problem, *, state=None, num_clusters=None, assignment="argmax", wind
         C = plan.num_clusters
     if C is None:
         C = default_num_clusters(problem.Nk)
+    check_memory("num_clusters", C, (problem.G, problem.Nq + problem.Nk + problem.D, C), device=problem.device,
+                 what="the centroids and centroid scores")
     if assignment == "argmax":
         if window is not None:
             raise ValueError("window= sets the balanced windows; it has no meaning with assignment='argmax'")

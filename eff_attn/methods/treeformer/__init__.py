@@ -25,7 +25,7 @@ import numpy as np
 from ... import masks
 from ..._cuda import host
 from ..._softmax import softmax_attend
-from ..._validate import check_choice, check_int
+from ..._validate import check_choice, check_int, check_memory
 from ...random import as_generator
 from ...registry import Impl, Method, NotSupportedError, Sharding
 from ._common import TC_CAUSAL_MESSAGE, flops_tc, flops_tf, node_counts_from_leaves
@@ -110,11 +110,38 @@ def _resolve(variant, problem, state, height, tree_init) -> dict:
             raise ValueError(f"height={height} does not match the given state's height {state.height}")
         if tree_init is not None:
             raise ValueError(f"tree_init={tree_init!r} is only used when the call builds the tree (state=None)")
+        _check_tree_memory(problem, variant, state.height, None)
         return {"variant": variant, "state": state, "height": state.height, "tree_init": None}
     height = default_height(problem.Nk) if height is None else check_int(
         "height", height, minimum=0, maximum=MAX_HEIGHT)
     tree_init = "pca_median" if tree_init is None else check_choice("tree_init", tree_init, TREE_INITS)
+    points = problem.Nq + problem.Nk
+    useful = (points - 1).bit_length()                                      # ceil(log2(points))
+    if height > useful:
+        raise ValueError(
+            f"height={height} is too large for a tree built from this call's Nq + Nk = {points} points: "
+            f"height {useful} already gives {2**useful} >= {points} leaves, and the arrays grow as 2**height; "
+            f"pass height <= {useful}, or a state= grown on more data"
+        )
+    _check_tree_memory(problem, variant, height, tree_init)
     return {"variant": variant, "state": None, "height": height, "tree_init": tree_init}
+
+
+def _check_tree_memory(problem, variant, height, tree_init):
+    """Refuse a ``height`` whose arrays cannot fit, before the tree is built.
+
+    The tree itself holds ``(2**h - 1, D)`` floats per slice; TC's node
+    means and node indicators ``(G, Nq + Nk + D + Dv, 2**(h+1))`` (the
+    reference's, the largest); the fit's dense split and ancestor matrices
+    ``(2**h, 2**(h+1))``, quadratic in the leaves.
+    """
+    L = 2**height
+    check_memory("height", height, (problem.G, L, problem.D), what="the tree's split directions")
+    if variant == "tc":
+        rows = problem.Nq + problem.Nk + problem.D + problem.Dv
+        check_memory("height", height, (problem.G, rows, 2 * L), what="TC's node means and indicators")
+    if tree_init == "fit":
+        check_memory("height", height, (L, 2 * L), what="the fit's dense split and ancestor matrices")
 
 
 def resolve_tf(problem, *, state=None, height=None, tree_init=None) -> dict:

@@ -205,7 +205,7 @@ def _tf_forward_kernel(qs, ks, vs, perm_q, perm_k, off_q, off_k, task_cell, task
         np.dot(s, vs[g, j0:j1], pv)                                        # (Bq, Dv)
         for r in range(bq):
             i = perm_q[g, p0 + r]
-            if ell[r] > 0:
+            if ell[r] != 0:                                               # NaN scores propagate
                 out[g, i] = pv[r] / ell[r]
             else:
                 out[g, i] = 0

@@ -13,9 +13,9 @@ dense here (O(Nq Nk)), which is the definition, not the fast path.
 
 **TC** (softmax over the means of the nodes on the query's path)::
 
-    C_jm  = [node m on key j's path] kappa_j          = P^k A^T, (Nk, 2L - 1)
+    C_jm  = [node m on key j's path] kappa_j          (Nk, 2L - 1)
     N_m   = sum_j C_jm,  kbar_m = sum_j C_jm k_j / N_m,  vbar_m likewise
-    pi_im = [node m on query i's path]                = P^q A^T, (Nq, 2L - 1)
+    pi_im = [node m on query i's path]                (Nq, 2L - 1)
     out_i = softmax over {m : pi_im = 1, N_m > 0} of s q_i . kbar_m, applied to vbar_m
 
 Both backward passes freeze the routing (its derivative is 0 almost
@@ -30,7 +30,7 @@ from ..._array import swap_last
 from ..._softmax import softmax_attend, softmax_attend_backward
 from ...masks import visible_pairs
 from . import _common
-from .state import ancestor_matrix, one_hot_leaves, walk
+from .state import path_nodes, walk
 
 __all__ = [
     "route_slices",
@@ -106,11 +106,24 @@ def tf_backward(dout, q, k, v, out, P, scale):
     return dq, dk, dv
 
 
+def on_path(leaf, height, dtype=np.float64):
+    """``[node m on the path of point n's leaf]``, shape (G, N, 2L - 1); zero rows where ``leaf = -1``.
+
+    Built from the ``h + 1`` path nodes of each point: memory ``O(N L)``.
+    """
+    G, N = leaf.shape
+    nodes = path_nodes(leaf, height)                                        # (G, N, h+1), -1 if masked
+    C = np.zeros((G, N, 2 ** (height + 1)), dtype=dtype)                    # (G, N, 2L); last column: masked
+    np.put_along_axis(C, np.where(nodes >= 0, nodes, 2 ** (height + 1) - 1), 1, axis=-1)
+    return C[..., :-1]                                                      # (G, N, 2L-1)
+
+
 def tc_attention(q, k, v, leaf_q, leaf_k, height, scale):
     """TC-attention: softmax over the non-empty path nodes' mean keys and values.
 
-    Time ``O((Nq + Nk) L (D + Dv))`` here (dense node one-hots, for
-    reading); the fast backends are ``O(N (h + 1) (D + Dv))``.
+    Time ``O((Nq + Nk) L (D + Dv))`` and memory ``O((Nq + Nk) L)`` here
+    (dense node indicators, for reading); the fast backends are
+    ``O(N (h + 1) (D + Dv))``.
 
     Parameters
     ----------
@@ -129,18 +142,14 @@ def tc_attention(q, k, v, leaf_q, leaf_k, height, scale):
         ``kbar`` (G, 2L-1, D), ``vbar`` (G, 2L-1, Dv), ``allowed``
         (G, Nq, 2L-1) the non-empty path nodes.
     """
-    L = 2**height
-    A = ancestor_matrix(height).astype(q.dtype)                             # (2L-1, L)
-    Pk = one_hot_leaves(leaf_k, L, q.dtype)                                 # (G, Nk, L); 0 rows if masked
-    Pq = one_hot_leaves(leaf_q, L, q.dtype)                                 # (G, Nq, L)
-    C = Pk @ A.T                                                            # (G, Nk, 2L-1)
+    C = on_path(leaf_k, height, q.dtype)                                    # (G, Nk, 2L-1); 0 rows if masked
     counts = C.sum(axis=-2)                                                 # (G, 2L-1) N_m
     nonempty = counts > 0                                                   # (G, 2L-1)
     per_node = np.where(nonempty, counts, 1)[..., None]                     # (G, 2L-1, 1)
     kbar = (swap_last(C) @ k) / per_node                                    # (G, 2L-1, D)
     vbar = (swap_last(C) @ v) / per_node                                    # (G, 2L-1, Dv)
-    on_path = (Pq @ A.T) > 0                                                # (G, Nq, 2L-1) pi
-    allowed = on_path & nonempty[..., None, :]                              # (G, Nq, 2L-1)
+    pi = on_path(leaf_q, height) > 0                                        # (G, Nq, 2L-1)
+    allowed = pi & nonempty[..., None, :]                                   # (G, Nq, 2L-1)
     scores = scale * (q @ swap_last(kbar))                                  # (G, Nq, 2L-1)
     out, lse, P = softmax_attend(scores, allowed, vbar)                     # (G, Nq, Dv), (G, Nq), (G, Nq, 2L-1)
     nodes = {"C": C, "counts": counts, "kbar": kbar, "vbar": vbar, "allowed": allowed}

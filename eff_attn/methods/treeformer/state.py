@@ -12,6 +12,15 @@ The path node at depth ``t`` of leaf ``l`` is ``(2**t - 1) + (l >> (h - t))``.
 Routing depends only on the sign of ``z``, so it is invariant to
 ``(w_i, b_i) -> lambda (w_i, b_i)`` for ``lambda > 0``.
 
+Every split built from data (:func:`split_thresholds`, the one rule that
+:func:`init_tree_pca`, :func:`update_tree_bias`, :func:`update_tree_depth`
+and the fits use) sends the lower half of the points' projections by rank
+right and the upper half left, and puts the hyperplane midway across a gap
+between two projections that is wider than twice the rounding bound of a
+float32 walk. No point used to build the tree lies within that bound of a
+hyperplane, so NumPy, Numba and CuPy, which round ``z`` differently, send it
+the same way.
+
 Everything here runs on the host in NumPy; the initialisers and
 :func:`update_tree_bias` / :func:`update_tree_depth` pool the points (queries
 and unmasked keys) of every slice that shares a tree, and loop over the
@@ -47,12 +56,17 @@ __all__ = [
     "tree_index",
     "pooled_points",
     "pool_slices",
+    "split_thresholds",
+    "WALK_ROUNDOFF",
 ]
 
 #: Largest supported height (2**20 leaves).
 MAX_HEIGHT = 20
 #: Keys per leaf that the default height aims at: a GEMM-sized block.
 DEFAULT_LEAF_KEYS = 64
+#: Unit roundoff of the coarsest walk (float32): the rounding bound of ``z`` that
+#: a split built from data keeps its points away from.
+WALK_ROUNDOFF = 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -340,6 +354,8 @@ def pool_slices(q, k, keep, owner, num_trees: int):
     """Per tree, the queries and kept keys of its slices, stacked: a list of (n_t, D) arrays.
 
     ``q (G, Nq, D)``, ``k (G, Nk, D)``, ``keep (G, Nk)`` or None, ``owner (G,)``.
+    Points with a NaN or inf entry (``check_finite=False``) place no split;
+    the walk still routes them, and their non-finite values reach the output.
     """
     points = []
     for t in range(num_trees):
@@ -347,7 +363,8 @@ def pool_slices(q, k, keep, owner, num_trees: int):
         for g in np.flatnonzero(owner == t):
             parts.append(q[g])
             parts.append(k[g] if keep is None else k[g][keep[g]])
-        points.append(np.concatenate(parts, axis=0))
+        X = np.concatenate(parts, axis=0)                                   # (n_t, D)
+        points.append(X[np.isfinite(X).all(axis=-1)])
     return points
 
 
@@ -362,9 +379,10 @@ def _principal_direction(X):
     if X.shape[0] < 2:
         return e0
     centred = X - X.mean(axis=0)                                            # (n, D)
-    if not np.any(centred):
+    spread = np.abs(centred).max()
+    if not spread > 0 or not np.isfinite(spread):
         return e0
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    _, _, vt = np.linalg.svd(centred / spread, full_matrices=False)         # unit scale: no overflow
     direction = vt[0]                                                       # (D,)
     return direction if direction[np.argmax(np.abs(direction))] > 0 else -direction
 
@@ -375,17 +393,84 @@ def _advance(X, node, w, b):
     return 2 * node + 1 + (z < 0)
 
 
+def split_thresholds(proj, size, groups, num_groups: int, dim: int):
+    """The split of each group of points: the threshold ``t`` (``b = -t``), NaN for an empty group.
+
+    The one split rule of every tree built from data. In each group, sort
+    the projections ``p`` (``z = p - t``; ``z >= 0`` goes left). The split
+    sends the ``floor(n/2)`` lowest by rank right and the rest left, and
+    sits midway across the gap between the two middle ranks, so for even
+    ``n`` it is the median. A gap is usable only if it is wider than
+    ``2 tol``, with ``tol = u ((D + 4) max |x|.|w| + 3 max |p|)`` (``u``
+    the float32 unit roundoff) bounding the rounding of ``z`` in any walk;
+    when the middle gap is narrower (tied or nearly tied points), the
+    nearest usable gap is taken (the lower on a tie), and with none every
+    point goes left (``t = min p - 2 tol``). So a point that built the tree
+    is never within ``tol`` of its hyperplane, and every backend routes it
+    the same way.
+
+    Parameters
+    ----------
+    proj : ndarray of shape (n,)
+        ``p = x . w`` of each point with its group's direction, float64.
+    size : ndarray of shape (n,)
+        ``|x| . |w|``, which bounds the dot product's rounding.
+    groups : int ndarray of shape (n,)
+        The group (node) of each point, in ``[0, num_groups)``.
+    num_groups : int
+    dim : int
+        ``D``, the length of the dot products.
+
+    Returns
+    -------
+    ndarray of shape (num_groups,)
+    """
+    order = np.lexsort((proj, groups))                                      # by group, then value
+    p, g = proj[order], groups[order]                                       # (n,)
+    counts = np.bincount(groups, minlength=num_groups)                      # (groups,)
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])                   # (groups,)
+    biggest, extent = np.zeros(num_groups), np.zeros(num_groups)            # (groups,)
+    np.maximum.at(biggest, groups, size)
+    np.maximum.at(extent, groups, np.abs(proj))
+    tol = WALK_ROUNDOFF * ((dim + 4) * biggest + 3 * extent)                # (groups,)
+    cut = np.arange(1, len(p))                                              # (n-1,) gap below sorted position
+    usable = (g[1:] == g[:-1]) & (p[1:] - p[:-1] > 2 * tol[g[1:]])          # (n-1,)
+    target = start + counts // 2                                            # (groups,) first point sent left
+    far = np.iinfo(np.int64).max
+    dist = np.where(usable, np.abs(cut - target[g[1:]]), far)               # (n-1,)
+    pick = np.lexsort((cut, dist, g[1:]))                                   # best gap of each group first
+    first_of_group = np.unique(g[1:][pick], return_index=True)
+    t = np.full(num_groups, np.nan)
+    nonempty = counts > 0
+    t[nonempty] = p[start[nonempty]] - 2 * tol[nonempty]                     # no usable gap: all left
+    best = pick[first_of_group[1]]                                          # (groups with >= 2 points,)
+    ok = dist[best] != far
+    c = cut[best[ok]]
+    t[g[c]] = (p[c - 1] + p[c]) / 2
+    return t
+
+
+def _sizes(X, w):
+    """``|x| . |w|`` of each point with its own direction, shape (n,): the scale of ``z``'s rounding."""
+    return np.einsum("nd,nd->n", np.abs(X), np.abs(w))
+
+
 def _grow_level(X, node, w, b, level_nodes):
-    """PCA-median split for every node of ``level_nodes``, in place, from the points at each node."""
-    for m in level_nodes:
+    """PCA split (:func:`split_thresholds`) for every node of ``level_nodes``, in place, from its points."""
+    D = X.shape[-1]
+    level_nodes = np.asarray(level_nodes)
+    w[level_nodes] = np.eye(D)[0]                                           # unreached nodes: e_0, bias 0
+    b[level_nodes] = 0.0
+    for m in np.intersect1d(level_nodes, node):                             # at most n reached nodes
         Xm = X[node == m]                                                   # (n_m, D)
         w[m] = _principal_direction(Xm)
-        b[m] = -np.median(Xm @ w[m]) if len(Xm) else 0.0
+        W = np.broadcast_to(w[m], Xm.shape)                                 # (n_m, D)
+        b[m] = -split_thresholds(Xm @ w[m], _sizes(Xm, W), np.zeros(len(Xm), np.int64), 1, D)[0]
 
 
-def _level(t: int) -> range:
+def _level(t: int) -> np.ndarray:
     """Heap indices of the nodes at depth ``t``."""
-    return range(2**t - 1, 2 ** (t + 1) - 1)
+    return np.arange(2**t - 1, 2 ** (t + 1) - 1)
 
 
 def init_tree_pca(q, k, height: int, *, mask=None, tree_shape=None) -> TreeformerState:
@@ -394,7 +479,8 @@ def init_tree_pca(q, k, height: int, *, mask=None, tree_shape=None) -> Treeforme
     For each node ``i``, with ``X_i`` the pooled float64 points (queries and
     unmasked keys) that reach it: ``w_i`` is the top right-singular vector of
     ``X_i - mean(X_i)`` (largest-magnitude entry positive; ``e_0`` if fewer
-    than 2 points or no spread) and ``b_i = -median(X_i w_i)`` (0 if empty).
+    than 2 points or no spread) and ``b_i = -t_i``, the rank-median split of
+    :func:`split_thresholds` (the median for an even count; 0 if empty).
 
     Parameters
     ----------
@@ -461,22 +547,8 @@ def init_tree(d: int, height: int, *, tree_shape=(), rng=None, q=None, k=None, m
     return tree if q is None else update_tree_bias(tree, q, k, mask=mask)
 
 
-def group_median(values, groups, num_groups: int):
-    """``np.median`` of ``values`` within each group, NaN for empty groups, shape (num_groups,)."""
-    order = np.lexsort((values, groups))                                    # by group, then value
-    v = values[order]
-    counts = np.bincount(groups, minlength=num_groups)                      # (groups,)
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])                   # (groups,)
-    lo = start + np.maximum(counts - 1, 0) // 2
-    hi = start + counts // 2
-    safe = counts > 0
-    mid = np.full(num_groups, np.nan)
-    mid[safe] = (v[lo[safe]] + v[hi[safe]]) / 2
-    return mid
-
-
 def recentre(points, w, b, height: int):
-    """In place, top-down: ``b_i = -median(w_i . x)`` over the points reaching node ``i``.
+    """In place, top-down: ``b_i = -t_i``, the split of :func:`split_thresholds` over the points reaching node ``i``.
 
     ``points`` is one (n_t, D) array per tree; ``w`` (T, I, D), ``b`` (T, I).
     Unreached nodes keep their ``b_i``.
@@ -484,8 +556,9 @@ def recentre(points, w, b, height: int):
     for t, X in enumerate(points):
         node = np.zeros(len(X), dtype=np.int64)
         for depth in range(height):
-            proj = np.einsum("nd,nd->n", X, w[t][node])                    # (n,)
-            med = group_median(proj, node, 2 ** (depth + 1) - 1)[2**depth - 1:]  # (2**depth,)
+            W = w[t][node]                                                  # (n, D)
+            proj = np.einsum("nd,nd->n", X, W)                              # (n,)
+            med = split_thresholds(proj, _sizes(X, W), node, 2 ** (depth + 1) - 1, X.shape[-1])[2**depth - 1:]
             level = np.arange(2**depth - 1, 2 ** (depth + 1) - 1)
             reached = ~np.isnan(med)
             b[t, level[reached]] = -med[reached]
@@ -493,10 +566,11 @@ def recentre(points, w, b, height: int):
 
 
 def update_tree_bias(tree: TreeformerState, q, k, *, mask=None) -> TreeformerState:
-    """Median re-centring: each split passes through the median of the points that reach it.
+    """Median re-centring: each split halves the points that reach it by rank.
 
-    Top-down, ``b_i = -median{w_i . x}`` over the pooled queries and unmasked
-    keys reaching node ``i`` (``np.median``); unreached nodes keep ``b_i``.
+    Top-down, ``b_i = -t_i`` (:func:`split_thresholds`, the median for an
+    even count) over the pooled queries and unmasked keys reaching node
+    ``i``; unreached nodes keep ``b_i``.
     This balances the leaves without changing the directions.
     """
     points, _ = pooled_points(q, k, mask, tree.tree_shape)

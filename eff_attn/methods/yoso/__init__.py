@@ -26,7 +26,7 @@ import numpy as np
 
 from ... import interop, masks
 from ..._hashing import MAX_CODE_BITS, sign_bit_codes
-from ..._validate import check_array_shape, check_bool, check_choice, check_float, check_int
+from ..._validate import check_array_shape, check_bool, check_choice, check_float, check_int, check_memory
 from ...random import as_generator, random_signs
 from ...registry import Impl, Method, NotSupportedError, Sharding
 
@@ -399,6 +399,10 @@ def resolve(problem, *, variant="sampled", num_hashes=None, tau=None, damping=1.
     else:
         hash_family = hash_family or "gaussian"
     given_hashing = codes is not None
+    if num_hashes is not None:  # hyperplanes (G, m, tau, D) and codes (G, m, Nq + Nk)
+        check_memory("num_hashes", num_hashes,
+                     (problem.G, num_hashes, problem.Nq + problem.Nk + (tau or 1) * problem.D),
+                     device=problem.device, what="the hyperplanes and codes")
     params = {
         "variant": variant,
         "num_hashes": DEFAULT_NUM_HASHES if num_hashes is None else num_hashes,
@@ -532,6 +536,8 @@ METHOD = Method(
     ),
     budgets=({"num_hashes": 8}, {"num_hashes": 16}, {"num_hashes": 32}, {"num_hashes": 64}),
     budget_name="num_hashes",
+    # normalize_output divides each output row by its norm: the output no longer scales with v.
+    value_degree=lambda params: 0 if params["normalize_output"] else 1,
     # eff_attn.dist: hyperplanes (drawn or given) and given codes are per slice (a length-1 axis is
     # shared); a query's output needs only its own codes and every key's table, so queries may split.
     sharding=Sharding(

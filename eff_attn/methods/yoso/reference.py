@@ -251,6 +251,12 @@ def forward_pipeline(ops, q, k, v, *, mask, variant, tau, damping, normalize_out
         row_mass = collisions / num_hashes                                   # (G, Nq)
         res.update(q_codes=q_codes, k_codes=k_codes, hyperplanes=hyperplanes)
     y, u_norm = normalize_output_rows(u, normalize_output, xp)               # (G, Nq, Dv), (G, Nq)
+    # A NaN or inf row hashes to arbitrary codes (every comparison is false). With
+    # check_finite=False non-finite inputs propagate, as in exact attention: the row of a
+    # non-finite query, and every row of a slice with a non-finite kept key, is NaN.
+    bad_k = ~xp.isfinite(k).all(axis=-1).all(axis=-1, keepdims=True)         # (G, 1)
+    bad = ~xp.isfinite(q).all(axis=-1) | bad_k                               # (G, Nq)
+    y = xp.where(bad[..., None], xp.asarray(np.nan, dtype=y.dtype), y)       # (G, Nq, Dv)
     res.update(u_norm=u_norm, row_mass=row_mass, empty_rows=row_mass == 0)
     return y, res
 

@@ -44,6 +44,9 @@ __all__ = [
 
 #: At most this many points per head enter k-means.
 MAX_KMEANS_POINTS = 100_000
+#: ``epochs=None`` runs the official code's 3 epochs, or more where a small training set would give
+#: fewer than this many Adam steps (3 steps on 2 sequences leave the graph dense).
+MIN_FIT_STEPS = 10
 #: ``fit_projections`` keeps every sequence's gold graph (bool, ``S * H * Nq * Nk``
 #: bytes) across epochs when it is at most this large, instead of recomputing it per batch.
 GOLD_CACHE_BYTES = 1 << 28
@@ -217,8 +220,8 @@ def _head_norms(arrays, n_head_axes):
     return np.sqrt(total)
 
 
-def fit_projections(state, q, k, *, alpha=1.5, scale=None, mask=None, causal=False, margin=1.0, lr=1e-2, epochs=3,
-                    batch_size=16, grad_clip=1.0, rng=None):
+def fit_projections(state, q, k, *, alpha=1.5, scale=None, mask=None, causal=False, margin=1.0, lr=1e-2,
+                    epochs=None, batch_size=16, grad_clip=1.0, rng=None):
     """Train the projections so that gold pairs come closer than sampled non-gold ones.
 
     Adam (0.9, 0.999, 1e-8) on :func:`sparsefinder_loss`, one step per batch
@@ -237,7 +240,11 @@ def fit_projections(state, q, k, *, alpha=1.5, scale=None, mask=None, causal=Fal
     mask : bool ndarray broadcastable to (S, *H, Nk), optional
     causal : bool, "bottom_right" or "top_left", default=False
     margin, lr : float
-    epochs, batch_size : int
+    epochs : int, optional
+        Passes over the sequences. Default: 3 (the official code's), raised to
+        ``ceil(MIN_FIT_STEPS / batches)`` when that is more, so a small
+        training set still gets ``MIN_FIT_STEPS = 10`` Adam steps.
+    batch_size : int
     grad_clip : float
     rng : None, int or Generator
 
@@ -249,10 +256,13 @@ def fit_projections(state, q, k, *, alpha=1.5, scale=None, mask=None, causal=Fal
     """
     if not alpha > 1:
         raise ValueError(f"alpha={alpha} must be greater than 1")
-    if int(epochs) < 0 or int(batch_size) < 1:
+    if (epochs is not None and int(epochs) < 0) or int(batch_size) < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
     gen = as_generator(rng)
     q, k, mask = _training_arrays(state, q, k, mask)
+    if epochs is None:
+        batches = -(-q.shape[0] // int(batch_size))
+        epochs = max(3, -(-MIN_FIT_STEPS // batches))
     scale = 1 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
     names = ("w_q", "b_q") if state.shared else ("w_q", "b_q", "w_k", "b_k")
     moments = {name: (np.zeros_like(getattr(state, name)), np.zeros_like(getattr(state, name))) for name in names}
@@ -463,7 +473,7 @@ def fit_threshold(state, q, k, *, target_recall=0.95, metric="sqeuclidean", alph
 
 
 def fit_sparsefinder(q, k, *, r=8, alpha=1.5, scale=None, mask=None, causal=False, shared=False, margin=1.0, lr=1e-2,
-                     epochs=3, batch_size=16, grad_clip=1.0, num_clusters=16, n_rounds=1, max_iter=100,
+                     epochs=None, batch_size=16, grad_clip=1.0, num_clusters=16, n_rounds=1, max_iter=100,
                      target_recall=0.95, metric="sqeuclidean", rng=None):
     """Fit every part of a Sparsefinder state: projections, centroids, threshold.
 

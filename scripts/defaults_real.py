@@ -14,7 +14,8 @@ of the relative Frobenius error against float64 exact attention:
   the default call with ``compute_recall=True``: recall of the 1.5-entmax support, graph
   sparsity and error against dense entmax; also ``state="fit"`` (what ``eff-attn compare``
   runs) and the former defaults (``r=4``, ``predictor="kmeans"``);
-- kdeformer: the default call at block 64 + 128 samples and at 32 + 64 (seeds 0-4); the peer
+- kdeformer: the default call and the former default (``probs="mixture"``) at block 64 + 128
+  samples and at 32 + 64 (seeds 0-4); the peer
   is the authors' released ``KDEformer.py`` (7 hash projections, pre-scaled q and k), run when
   ``--kdeformer-official DIR`` names a folder holding it, and otherwise quoted.
 
@@ -131,7 +132,10 @@ def kdeformer_rows(q, k, v, exact, official_dir) -> dict:
     for b, m in KDE_BUDGETS:
         outs = [eff_attn.kdeformer_attention(q, k, v, backend="numpy", rng=seed, block_size=b, num_samples=m)
                 for seed in KDE_SEEDS]
-        row = {"default": {"rel_fro_median": median_error(outs, exact)}}
+        former = [eff_attn.kdeformer_attention(q, k, v, backend="numpy", rng=seed, block_size=b, num_samples=m,
+                                               probs="mixture") for seed in KDE_SEEDS]
+        row = {"default": {"rel_fro_median": median_error(outs, exact)},
+               "former_default_mixture": {"rel_fro_median": median_error(former, exact)}}
         if official is not None:
             row["kdeformer_official"] = {"rel_fro_median": median_error(_run_official(official, q, k, v, b, m),
                                                                          exact)}
@@ -162,6 +166,16 @@ def _run_official(KDEformer, q, k, v, b, m):
     return outs
 
 
+def _version(distribution):
+    """The installed version of a peer package, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/cpu/defaults-real")
@@ -181,7 +195,7 @@ def main(argv=None):
         "routing": routing_rows(q, k, v, exact),
         "sparsefinder": sparsefinder_rows(p),
         "kdeformer": kdeformer_rows(q, k, v, exact, args.kdeformer_official),
-        "peers_installed": {"routing_transformer": importlib.util.find_spec("routing_transformer") is not None,
+        "peers_installed": {"routing_transformer": _version("routing-transformer"),
                             "kdeformer_official": _load_official(args.kdeformer_official) is not None},
         "quoted_peer_figures": QUOTED,
     }

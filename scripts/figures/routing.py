@@ -187,7 +187,8 @@ def timing_figure(path, sizes=(1024, 2048, 4096, 8192, 16384), heads=2):
         q, k, v = problem.astype(np.float32)
         state = init_centroids(q, k, num_clusters=math.ceil(math.sqrt(N)), rng=SEED)
         times["routing argmax"].append(best_time(lambda: eff_attn.routing_attention(q, k, v, state=state,
-                                                                                     backend="numba")))
+                                                                                     backend="numba",
+                                                                                     assignment="argmax")))
         times["routing balanced"].append(best_time(lambda: eff_attn.routing_attention(
             q, k, v, state=state, backend="numba", assignment="balanced")))
         times["exact"].append(best_time(lambda: eff_attn.exact_attention(q, k, v, backend="numba")))

@@ -25,7 +25,7 @@ from eff_attn.testing import assert_close, random_qkv, to_host
 from tests._harness import BackendCase
 from tests._oracles import dense_attention
 
-PROBS = ["mixture", "official", "uniform"]
+PROBS = ["columns", "mixture", "official", "uniform"]
 ORDERS = ["gray", "official"]
 
 # The spec's hand example (section 8, oracle 7).
@@ -45,15 +45,31 @@ def _gray_position(code, r, order):
     return int(code) ^ (int(code) >> 1)                     # the released code sorts by gray(code)
 
 
-def _oracle_probs(v, keep, probs):
+def _oracle_column_share(q, k, kept, scale):
+    """Column-norm share of the softmax rows of the 16 evenly spaced pilot queries, row by row."""
+    Nq = q.shape[0]
+    rows = sorted({int(round(x)) for x in np.linspace(0, Nq - 1, min(Nq, 16))})
+    c = np.zeros(len(kept))
+    for i in rows:
+        s = np.array([scale * q[i] @ k[j] for j in kept])
+        e = np.exp(s - s.max())
+        c += (e / e.sum()) ** 2
+    return c / c.sum()
+
+
+def _oracle_probs(v, keep, probs, q=None, k=None, scale=None):
     kept = np.flatnonzero(keep)
     n = len(kept)
     p = np.zeros(len(keep))
     if probs == "uniform":
         p[kept] = 1.0 / n
-    elif probs == "mixture":
+    elif probs in ("mixture", "columns"):
         sq = (v[kept] ** 2).sum(-1)
-        p[kept] = 1.0 / (2 * n) + sq / (2 * sq.sum()) if sq.sum() > 0 else 1.0 / n
+        share = sq / sq.sum() if sq.sum() > 0 else np.full(n, 1.0 / n)
+        if probs == "mixture":
+            p[kept] = 1.0 / (2 * n) + share / 2
+        else:
+            p[kept] = _oracle_column_share(q, k, kept, scale) / 4 + 1.0 / (4 * n) + share / 2
     else:
         vt = np.concatenate([v[kept], np.ones((n, 1))], axis=1)
         lam = np.linalg.eigvalsh(vt.T @ vt)[-1]
@@ -85,7 +101,7 @@ def _estimator_oracle(q, k, v, keep, q_codes, k_codes, sample_idx, *, r, b, prob
         queries = sorted(range(Nq), key=lambda i: (_gray_position(q_codes[g, i], r, order), i))
         for t, i in enumerate(queries):
             q_block[g, i] = t * nb // Nq
-        p = _oracle_probs(v[g], keep[g], probs)
+        p = _oracle_probs(v[g], keep[g], probs, q[g], k[g], scale)
         s = scale * q[g] @ k[g].T
         for i in range(Nq):
             weight = np.zeros(Nk)                           # c_ij of the matrix form
@@ -236,6 +252,19 @@ class TestKdeformer(BackendCase):
         _, info = self.info(HAND_Q, HAND_K, HAND_V, rng=0, probs=probs, num_samples=2, num_bits=1)
         assert_close(info["probs"], expected, rel=1e-7)
 
+    def test_column_probabilities_match_the_loop_oracle(self):
+        """``probs="columns"`` (the default) against a row-by-row computation of the pilot softmax rows."""
+        rng = np.random.default_rng(5)
+        for Nq, Nk, masked in ((4, 4, False), (40, 23, True), (7, 30, False)):
+            q, k, v = random_qkv(rng, batch=(2,), Nq=Nq, Nk=Nk, D=3, Dv=2)
+            mask = rng.random((2, Nk)) > 0.3 if masked else None
+            keep = np.ones((2, Nk), bool) if mask is None else mask
+            _, info = self.info(q, k, v, mask=mask, rng=0, num_samples=3)
+            assert info["params"]["probs"] == "columns"
+            for g in range(2):
+                expected = _oracle_probs(v[g], keep[g], "columns", q[g], k[g], 1 / np.sqrt(3))
+                assert_close(to_host(info["probs"])[g], expected, rel=1e-10)
+
     # --- oracle 9: unbiased given the hash; the b = 1 limit -------------------------------
 
     def _numerators(self, q, k, v, **kw):
@@ -259,7 +288,7 @@ class TestKdeformer(BackendCase):
         plan = res["plan"]
         qb, kb = to_host(plan.q_block)[0], to_host(plan.k_block)[0]
         same = qb[:, None] == kb[None, :]                                      # (N, N) B_i
-        p = _oracle_probs(v[0], np.ones(N, bool), probs)
+        p = _oracle_probs(v[0], np.ones(N, bool), probs, q[0], k[0], 1 / np.sqrt(D))
         e = np.exp(q[0] @ k[0].T / np.sqrt(D))                                 # (N, N)
         vt = np.concatenate([v[0], np.ones((N, 1))], axis=1)                   # (N, Dv+1)
         out_e = np.where(same, 0.0, e)
@@ -624,6 +653,28 @@ def test_inverse_cdf_maps_the_hand_uniforms():
     assert kde.inverse_cdf_sample(p, np.array([[0.0, 0.2, 0.5, 0.99]])).tolist() == [[0, 1, 2, 3]]
 
 
+def test_default_beats_the_released_code_on_real_heads():
+    """Block 64 + 128 samples on the shipped MiniLM heads (n = 512, 24 slices, seeds 0-4).
+
+    Anchor: the authors' released ``KDEformer.py`` (7 projections) scores a median relative
+    Frobenius error of 0.760 on exactly this protocol (``scripts/defaults_real.py``, docs
+    "Defaults on real heads"); the default must stay below 0.70 (measured 0.63), and below the
+    former default ``probs="mixture"`` (measured 0.74).
+    """
+    from eff_attn.bench.problems import real_heads
+    from eff_attn.metrics import rel_frobenius
+
+    heads = real_heads(n=512)
+    q, k, v = heads.q, heads.k, heads.v
+    exact = eff_attn.attention(q, k, v, method="exact", backend="numpy")
+    median = {}
+    for probs in ("columns", "mixture"):
+        errors = [rel_frobenius(eff_attn.kdeformer_attention(q, k, v, backend="numpy", rng=seed, probs=probs),
+                                exact) for seed in range(5)]
+        median[probs] = float(np.median(np.concatenate(errors)))
+    assert median["columns"] < 0.70 and median["columns"] < median["mixture"], median
+
+
 def test_mixture_falls_back_to_uniform_for_zero_values():
     _, p = kde.sampling_probabilities(np.zeros((1, 5, 2)), np.array([[1, 1, 0, 1, 1]], bool), "mixture")
     assert_close(p, [[0.25, 0.25, 0, 0.25, 0.25]], rel=0)
@@ -636,8 +687,10 @@ def test_flops_reproduce_the_published_layer_ratios():
     t2t_1 = exact(3136, 3136, 64, 64) / kde.flops(3136, 3136, 64, block_size=32, num_samples=98, probs="official")
     t2t_2 = exact(784, 784, 64, 64) / kde.flops(784, 784, 64, block_size=32, num_samples=24, probs="official")
     assert (round(biggan, 1), round(t2t_1, 1), round(t2t_2, 1)) == (4.0, 18.3, 8.0)
-    ratios = [exact(n, n, 64, 64) / kde.flops(n, n, 64) for n in (1024, 4096, 16384)]
+    ratios = [exact(n, n, 64, 64) / kde.flops(n, n, 64, probs="mixture") for n in (1024, 4096, 16384)]
     assert [round(r, 1) for r in ratios] == [5.1, 20.4, 81.6]
+    for n in (1024, 4096, 16384):             # the default "columns": 16 pilot rows of n keys, 2D + 7 each, + 3n
+        assert kde.flops(n, n, 64) == kde.flops(n, n, 64, probs="mixture") + 16 * n * (2 * 64 + 7) + 3 * n
 
 
 def test_flops_refuse_causal_and_backward():

@@ -87,7 +87,7 @@ def routing_oracle(q, k, mu, *, mask=None, causal=False, assignment="argmax", wi
     def best(i, clusters):                     # argmax_c RQ[i, c], lower index on ties
         return max(clusters, key=lambda c: (RQ[i, c], -c))
 
-    mode = unrouted or ("nearest" if assignment == "argmax" else "zero")
+    mode = unrouted or "nearest"
     A = np.zeros((Nq, Nk))
     unrouted_rows = np.zeros(Nq, bool)
     plan = {}
@@ -173,7 +173,7 @@ def planted(seed, C=4, w=5, D=16, noise=0.01):
 def test_oracle_reproduces_the_spec_hand_values():
     A, _, _ = routing_oracle(HAND_Q, HAND_K, np.eye(2), scale=1.0)
     assert_close(A @ HAND_V, [[2.59145898], [2.72412177], [2.84969951], [2.79606298]], rel=1e-8)
-    A, _, _ = routing_oracle(HAND_Q, HAND_K, np.eye(2), scale=1.0, assignment="balanced")
+    A, _, _ = routing_oracle(HAND_Q, HAND_K, np.eye(2), scale=1.0, assignment="balanced", unrouted="zero")
     assert_close(A @ HAND_V, [[2.52698339], [2.72412177], [2.84969951], [0.0]], rel=1e-8)
     exact, _ = dense_attention(HAND_Q, HAND_K, HAND_V, True, scale=1.0)
     assert_close(exact, [[2.53362343], [2.61634392], [2.74148101], [2.67152432]], rel=1e-8)
@@ -224,7 +224,7 @@ class TestRouting(BackendCase):
     # --- oracles 1 and 2: the 4-token example --------------------------------------------
 
     def test_hand_example_argmax(self):
-        out, info = self.hand()
+        out, info = self.hand(assignment="argmax")
         assert_close(out, [[2.59145898], [2.72412177], [2.84969951], [2.79606298]], rel=1e-8)
         plan = info["plan"]
         assert to_host(plan.query_cluster).tolist() == [0, 0, 1, 1]
@@ -232,16 +232,18 @@ class TestRouting(BackendCase):
         assert info["unrouted_fraction"] == 0 and info["zero_output_fraction"] == 0
 
     def test_hand_example_balanced_leaves_a_query_unrouted(self):
-        out, info = self.hand(assignment="balanced")
+        out, info = self.hand(assignment="balanced", unrouted="zero")
         assert_close(out, [[2.52698339], [2.72412177], [2.84969951], [0.0]], rel=1e-8)
         plan = info["plan"]
         assert to_host(plan.query_windows).tolist() == [[0, 1], [0, 2]]
         assert to_host(plan.key_windows).tolist() == [[1, 2], [0, 3]]
         assert info["unrouted_fraction"] == 0.25 and info["zero_output_fraction"] == 0.25
         assert to_host(info["memberships"]).tolist() == [2, 1, 1, 0]
-        out, info = self.hand(assignment="balanced", unrouted="nearest")
-        assert_close(out, [[2.52698339], [2.72412177], [2.84969951], [2.79606298]], rel=1e-8)
-        assert info["unrouted_fraction"] == 0.25 and info["zero_output_fraction"] == 0
+        for kw in ({"assignment": "balanced"}, {}):                       # nearest is the default fallback,
+            out, info = self.hand(**kw)                                     # balanced the non-causal default
+            assert_close(out, [[2.52698339], [2.72412177], [2.84969951], [2.79606298]], rel=1e-8)
+            assert info["assignment"] == "balanced"
+            assert info["unrouted_fraction"] == 0.25 and info["zero_output_fraction"] == 0
 
     def test_hand_example_causal(self):
         out, info = self.hand(causal=True)
@@ -251,7 +253,7 @@ class TestRouting(BackendCase):
         assert info["strictly_causal"] is True
         out, _ = self.hand(causal=True, unrouted="zero")
         assert_close(out, [[0.0], [2.0], [1.0], [2.79606298]], rel=1e-8)
-        out, info = self.hand(causal=True, assignment="balanced", allow_causal_leak=True)
+        out, info = self.hand(causal=True, assignment="balanced", unrouted="zero", allow_causal_leak=True)
         assert_close(out, [[1.0], [2.0], [1.0], [0.0]], rel=1e-8)
         assert info["strictly_causal"] is False
 
@@ -259,7 +261,7 @@ class TestRouting(BackendCase):
         k = HAND_K.copy()
         k[3] = [2.0, -0.3]                                                  # change only the last (future) key
         out = self.run(HAND_Q, k, HAND_V, state=HAND_STATE, scale=1.0, causal=True, assignment="balanced",
-                       allow_causal_leak=True)
+                       unrouted="zero", allow_causal_leak=True)
         assert_close(out[2], [1.31756170], rel=1e-8)                        # row 2 moved from 1
         out = self.run(HAND_Q, k, HAND_V, state=HAND_STATE, scale=1.0, causal=True)
         assert_close(out[:3], [[1.0], [2.0], [1.0]], rel=1e-12)
@@ -279,7 +281,8 @@ class TestRouting(BackendCase):
         mask = rng.random((2, Nk)) > 0.3
         state = random_state(global_random_seed, 1, 4)
         exact, _ = dense_attention(q, k, v, visible_matrix(Nq, Nk, mask, causal))
-        assert_close(self.run(q, k, v, state=state, mask=mask, causal=causal), exact, rel=1e-12)
+        assert_close(self.run(q, k, v, state=state, mask=mask, causal=causal, assignment="argmax"), exact,
+                     rel=1e-12)
         out = self.run(q, k, v, state=state, mask=mask, causal=causal, assignment="balanced", window=(Nq, Nk),
                        allow_causal_leak=True)
         assert_close(out, exact, rel=1e-12)
@@ -291,12 +294,13 @@ class TestRouting(BackendCase):
         visible = (lq[:, None] == lk[None, :]) & visible_matrix(C * w, C * w, None, causal)
         expected, _ = dense_attention(q, k, v, visible)
         unrouted = "zero" if causal else None      # a group with no visible key yet gives 0, as masked exact does
-        out, info = self.run(q, k, v, state=state, causal=causal, unrouted=unrouted, return_info=True)
+        out, info = self.run(q, k, v, state=state, causal=causal, assignment="argmax", unrouted=unrouted,
+                             return_info=True)
         assert_close(out, expected, rel=1e-12)
         assert to_host(info["plan"].query_cluster).tolist() == lq.tolist()
         assert to_host(info["plan"].key_cluster).tolist() == lk.tolist()
-        out, info = self.run(q, k, v, state=state, causal=causal, assignment="balanced", allow_causal_leak=True,
-                             return_info=True)
+        out, info = self.run(q, k, v, state=state, causal=causal, assignment="balanced", unrouted=unrouted,
+                             allow_causal_leak=True, return_info=True)
         assert_close(out, expected, rel=1e-12)
         groups = [np.flatnonzero(lq == c).tolist() for c in range(C)]
         assert to_host(info["plan"].query_windows).tolist() == groups
@@ -309,7 +313,8 @@ class TestRouting(BackendCase):
         Nq, Nk = (4, 5) if self.small else (11, 14)
         q, k, v = random_qkv(rng, batch=(2,), Nq=Nq, Nk=Nk, D=4, Dv=2)
         mask = rng.random((2, Nk)) > 0.25
-        out, info = self.run(q, k, v, state=random_state(1, 3, 4), mask=mask, causal=causal, return_info=True)
+        out, info = self.run(q, k, v, state=random_state(1, 3, 4), mask=mask, causal=causal, assignment="argmax",
+                             return_info=True)
         plan = info["plan"]
         aQ, aK = to_host(plan.query_cluster), to_host(plan.key_cluster)
         same = (aQ[:, :, None] == aK[:, None, :]) & (aQ >= 0)[:, :, None]
@@ -511,7 +516,7 @@ class TestRouting(BackendCase):
         rng = np.random.default_rng(global_random_seed)
         q, k, v = random_qkv(rng, batch=(3,), Nq=7, Nk=9, D=4)
         mask = rng.random((3, 9)) > 0.3
-        _, info = self.run(q, k, v, state=random_state(0, 3, 4), mask=mask, return_info=True)
+        _, info = self.run(q, k, v, state=random_state(0, 3, 4), mask=mask, assignment="argmax", return_info=True)
         aQ, aK = to_host(info["plan"].query_cluster), to_host(info["plan"].key_cluster)
         products = sum(((aQ[g] == c).sum() * (aK[g] == c).sum()) for g in range(3) for c in range(3))
         assert info["pairs"] == products
@@ -521,8 +526,9 @@ class TestRouting(BackendCase):
     def test_default_mode_serves_every_query_that_sees_a_key(self, global_random_seed):
         rng = np.random.default_rng(global_random_seed)
         q, k, v = random_qkv(rng, batch=(2,), Nq=8, Nk=8, D=4)
-        for causal in (False, True):
+        for causal, mode in ((False, "balanced"), (True, "argmax")):
             _, info = self.run(q, k, v, state=random_state(1, 4, 4), causal=causal, return_info=True)
+            assert info["assignment"] == mode and info["params"]["unrouted"] == "nearest"
             assert info["zero_output_fraction"] == 0
             assert not to_host(info["empty_rows"]).any()
 
@@ -609,7 +615,7 @@ class TestRoutingNumba(TestRouting):
         state = RoutingState(np.array([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]), np.full(2, 0.5))
         for causal in (False, True):
             expected, _ = dense_attention(q, k, v, visible_matrix(300, 290, None, causal))
-            out, vjp = self.run_vjp(q, k, v, state=state, causal=causal)
+            out, vjp = self.run_vjp(q, k, v, state=state, causal=causal, assignment="argmax")
             assert_close(out, expected, rel=1e-12)
             dout = rng.standard_normal((1, 300, 2))
             _, vjp_ref = eff_attn.attention_vjp(q, k, v, method="exact", causal=causal)
@@ -790,11 +796,13 @@ def test_routing_statistics_on_clustered_heads():
         fitted = init_centroids(q, k, num_clusters=16, rng=seed)
         free = init_centroids(num_clusters=16, dim=64, rng=seed + 1000)    # not the data's own draws
         for name, state in (("fitted", fitted), ("free", free)):
-            out, info = eff_attn.routing_attention(q, k, v, state=state, return_info=True, compute_exact=True)
+            out, info = eff_attn.routing_attention(q, k, v, state=state, assignment="argmax", return_info=True,
+                                                   compute_exact=True)
             mass[name].append(info["captured_mass"].mean())
             if name == "fitted":
                 ratio["argmax"].append(err_over_uniform(out, exact, uniform_output(v)).item())
-        out, info = eff_attn.routing_attention(q, k, v, state=fitted, assignment="balanced", return_info=True)
+        out, info = eff_attn.routing_attention(q, k, v, state=fitted, assignment="balanced", unrouted="zero",
+                                               return_info=True)
         ratio["balanced"].append(err_over_uniform(out, exact, uniform_output(v)).item())
         assert 0.03 <= info["unrouted_fraction"] <= 0.30
         _, info = eff_attn.routing_attention(q, k, v, state=free, assignment="balanced", return_info=True)
@@ -806,12 +814,39 @@ def test_routing_statistics_on_clustered_heads():
     assert np.mean(mass["fitted"]) - np.mean(mass["free"]) >= 0.4
 
 
+def test_default_non_causal_call_beats_zeros_on_real_heads():
+    """The default non-causal call (balanced windows, nearest fallback) on the shipped MiniLM heads.
+
+    Oracle: the all-zero output has relative error exactly 1, and argmax routing, the causal
+    default, does no better than that on these heads (docs: "Defaults"). Over 3 seeds and 24
+    heads (n = 128, C = 4 and 8) the default's median error stays below 0.8 (measured about
+    0.67), below argmax's, and no row that sees a key is left at zero.
+    """
+    from eff_attn.bench.problems import real_heads
+
+    heads = real_heads(n=128)
+    q, k, v = heads.q, heads.k, heads.v
+    exact, _ = dense_attention(q, k, v, True)
+    for C in (4, 8):
+        errors = {"default": [], "argmax": []}
+        for seed in range(3):
+            out, info = eff_attn.routing_attention(q, k, v, backend="numpy", num_clusters=C, rng=seed,
+                                                   return_info=True)
+            assert info["assignment"] == "balanced" and info["zero_output_fraction"] == 0
+            assert (np.abs(out).sum(-1) > 0).all()
+            errors["default"].append(rel_frobenius(out, exact))
+            out = eff_attn.routing_attention(q, k, v, backend="numpy", num_clusters=C, rng=seed, assignment="argmax")
+            errors["argmax"].append(rel_frobenius(out, exact))
+        median = {name: float(np.median(np.concatenate(e))) for name, e in errors.items()}
+        assert median["default"] < 0.8 and median["default"] < median["argmax"], median
+
+
 def test_error_falls_as_routing_gets_coarser():
     """Fewer clusters route more keys to each query: the error against exact falls."""
     q, k, v = _clustered_heads(0, N=256)
     exact, _ = dense_attention(q, k, v, True)
-    errors = [rel_frobenius(eff_attn.routing_attention(q, k, v, rng=0, num_clusters=C), exact).item()
-              for C in (32, 8, 1)]
+    errors = [rel_frobenius(eff_attn.routing_attention(q, k, v, rng=0, num_clusters=C, assignment="argmax"),
+                            exact).item() for C in (32, 8, 1)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-12
 
 
@@ -834,7 +869,8 @@ def test_flops_formula():
     ({"assignment": "balanced", "window": 5}, ValueError, "window=5 is too large"),
     ({"assignment": "balanced", "window": 0}, ValueError, "window=0 is too small"),
     ({"assignment": "balanced", "window": (2, 9)}, ValueError, r"window\[1\] \(wK\)=9 is too large"),
-    ({"window": 2}, ValueError, "no meaning with assignment='argmax'"),
+    ({"assignment": "argmax", "window": 2}, ValueError, "no meaning with assignment='argmax'"),
+    ({"causal": True, "state": HAND_STATE, "window": 2}, ValueError, "no meaning with assignment='argmax'"),
     ({"assignment": "topw"}, ValueError, "assignment='topw' is not one of"),
     ({"unrouted": "drop"}, ValueError, "unrouted='drop' is not one of"),
     ({"state": RoutingState(np.eye(3), np.ones(3) / 3)}, ValueError, "dimension D=3 but q has D=2"),
@@ -849,7 +885,7 @@ def test_bad_input_is_refused_clearly(kwargs, error, match):
 
 
 def test_mismatched_plans_are_refused():
-    plan = route(HAND_Q, HAND_K, HAND_STATE)
+    plan = route(HAND_Q, HAND_K, HAND_STATE, assignment="argmax")
     with pytest.raises(ValueError, match="assignment='argmax', not 'balanced'"):
         eff_attn.routing_attention(HAND_Q, HAND_K, HAND_V, plan=plan, assignment="balanced")
     with pytest.raises(ValueError, match="does not match this call"):

@@ -142,7 +142,7 @@ def _integer_array(name, a):
 
 
 def resolve(problem, *, num_bits=DEFAULT_NUM_BITS, block_size=DEFAULT_BLOCK_SIZE,
-            num_samples=DEFAULT_NUM_SAMPLES, order="gray", probs="mixture", hyperplanes=None,
+            num_samples=DEFAULT_NUM_SAMPLES, order="gray", probs="columns", hyperplanes=None,
             codes=None, sample_idx=None) -> dict:
     """Check the parameters and flatten injected arrays to the slices ``(G, ...)``."""
     r = check_int("num_bits", num_bits, minimum=0, maximum=30)
@@ -207,7 +207,7 @@ def draw(rng, problem, params) -> dict:
 
 
 def flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, num_bits=DEFAULT_NUM_BITS,
-          block_size=DEFAULT_BLOCK_SIZE, num_samples=DEFAULT_NUM_SAMPLES, probs="mixture", n_kept=None,
+          block_size=DEFAULT_BLOCK_SIZE, num_samples=DEFAULT_NUM_SAMPLES, probs="columns", n_kept=None,
           **params) -> int:
     """FLOPs of KDEformer (docs: methods/kdeformer, "Complexity").
 
@@ -217,7 +217,8 @@ def flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, num_bits
         2 r D (Nq + Nk) + F_p + Nk + 2m + P_blk (2D + 2Dv + 5)
             + Nq m (2D + 2Dv + 6) + Nq (4 Dv + 8)
 
-    ``F_p`` is ``Nk (2Dv + 3)`` for ``"mixture"``, 0 for ``"uniform"`` and
+    ``F_p`` is ``s Nk (2D + 7) + Nk (2Dv + 6)`` for ``"columns"`` (``s = min(Nq, 16)``
+    pilot rows), ``Nk (2Dv + 3)`` for ``"mixture"``, 0 for ``"uniform"`` and
     ``2Nk(Dv+1)^2 + 2Nk(Dv+1) + 3Nk + 4/3 (Dv+1)^3`` for ``"official"``.
     ``n_kept`` (default ``Nk``) is the number of unmasked keys.
 
@@ -309,7 +310,7 @@ METHOD = Method(
 
 def kdeformer_attention(q, k, v, *, backend="auto", mask=None, causal=False, scale=None, rng=None,
                         return_info=False, num_bits=DEFAULT_NUM_BITS, block_size=DEFAULT_BLOCK_SIZE,
-                        num_samples=DEFAULT_NUM_SAMPLES, order="gray", probs="mixture", hyperplanes=None,
+                        num_samples=DEFAULT_NUM_SAMPLES, order="gray", probs="columns", hyperplanes=None,
                         codes=None, sample_idx=None):
     """KDEformer: exact attention in LSH-sorted diagonal blocks, sampled keys for the rest.
 
@@ -367,10 +368,14 @@ def kdeformer_attention(q, k, v, *, backend="auto", mask=None, causal=False, sca
     order : {"gray", "official"}, default="gray"
         Bucket order of the sort: Gray order (neighbouring buckets differ in
         one bit), or the released code's inverted order.
-    probs : {"mixture", "official", "uniform"}, default="mixture"
-        Sampling distribution over the kept keys:
-        ``1/(2n) + |v_j|^2 / (2 sum |v|^2)``; the released code's
-        ``|[v_j, 1]| / lambda_max + 1/n`` (normalised); or ``1/n``.
+    probs : {"columns", "mixture", "official", "uniform"}, default="columns"
+        Sampling distribution over the kept keys: the theory's half
+        column norms of ``D^-1 A``, half ``|v_j|^2 / sum |v|^2``, with the
+        column norms estimated from the exact softmax rows of 16 evenly
+        spaced queries and half of that term spread uniformly
+        (``c^_j / 4 + 1/(4n) + |v_j|^2 / (2 sum |v|^2)``; the most accurate on
+        real heads, see the docs); ``1/(2n) + |v_j|^2 / (2 sum |v|^2)``; the
+        released code's ``|[v_j, 1]| / lambda_max + 1/n`` (normalised); or ``1/n``.
     hyperplanes : array of shape (r, D) or (..., r, D), optional
         Fixed hyperplanes, shared or per slice. Exclusive with ``codes``.
     codes : pair of int arrays of shapes (..., Nq) and (..., Nk), optional

@@ -45,12 +45,16 @@ __all__ = [
     "slice_flops",
     "plan_flops",
     "sampling_probabilities",
+    "pilot_rows",
+    "pilot_column_share",
     "inverse_cdf_sample",
     "make_plan",
 ]
 
 ORDERS = ("gray", "official")
-PROBS = ("mixture", "official", "uniform")
+PROBS = ("columns", "mixture", "official", "uniform")
+#: Query rows whose exact softmax estimates the column norms of ``D^-1 A`` (``probs="columns"``).
+PILOT_QUERIES = 16
 
 #: Sort key of a masked key: above every bucket key (codes and their Gray
 #: transforms are below ``2**30``), so the kept keys sort first.
@@ -212,12 +216,19 @@ def block_pair_count(Nq: int, n: int, block_size: int) -> int:
     return int((q_sizes * k_sizes).sum())
 
 
-def probability_flops(Nk: int, Dv: int, probs: str) -> int:
+def pilot_rows(Nq: int) -> np.ndarray:
+    """The ``min(Nq, PILOT_QUERIES)`` evenly spaced query rows of ``probs="columns"`` (int64, host)."""
+    return np.linspace(0, Nq - 1, min(Nq, PILOT_QUERIES)).round().astype(np.int64)
+
+
+def probability_flops(Nk: int, Dv: int, probs: str, *, Nq: int = 0, D: int = 0) -> int:
     """``F_p``: the cost of the sampling probabilities (docs: "Complexity")."""
     if probs == "uniform":
         return 0
     if probs == "mixture":
         return Nk * (2 * Dv + 3)
+    if probs == "columns":                                   # pilot softmax rows, squares, then the mixture
+        return len(pilot_rows(Nq)) * Nk * (2 * D + 7) + Nk * (2 * Dv + 6) if Nq else Nk * (2 * Dv + 6)
     d1 = Dv + 1
     return 2 * Nk * d1 * d1 + 2 * Nk * d1 + 3 * Nk + (4 * d1 ** 3) // 3
 
@@ -229,7 +240,7 @@ def slice_flops(Nq: int, Nk: int, D: int, Dv: int, *, n_kept: int, num_bits: int
     ``2rD(Nq+Nk) + F_p + Nk + 2m + P_blk (2D+2Dv+5) + Nq m (2D+2Dv+6) + Nq (4Dv+8)``;
     a slice without kept keys costs only its hashing and ``F_p``.
     """
-    total = 2 * num_bits * D * (Nq + Nk) + probability_flops(Nk, Dv, probs)
+    total = 2 * num_bits * D * (Nq + Nk) + probability_flops(Nk, Dv, probs, Nq=Nq, D=D)
     if n_kept == 0:
         return total
     pairs = block_pair_count(Nq, n_kept, block_size)
@@ -245,9 +256,16 @@ def plan_flops(plan, Nq: int, Nk: int, D: int, Dv: int, **params) -> int:
                    for n, c in enumerate(counts) if c))
 
 
-def sampling_probabilities(v, keep, probs: str, xp=np):
+def sampling_probabilities(v, keep, probs: str, xp=np, *, q=None, k=None, scale=None):
     """Importance weights ``pi`` (unnormalised) and probabilities ``p`` of the kept keys.
 
+    - ``"columns"`` (default): the theory's ``p_j = (c_j + |v_j|^2 / sum |v|^2) / 2``
+      with the column-norm share ``c_j`` of ``D^-1 A`` estimated from the exact
+      softmax rows ``P`` of the ``PILOT_QUERIES`` evenly spaced queries
+      (:func:`pilot_rows`), ``c^_j = sum_i P_ij^2 / sum_ij P_ij^2``, and half of it
+      spread uniformly over the kept keys for the keys those rows miss:
+      ``p_j = c^_j / 4 + 1/(4n) + |v_j|^2 / (2 sum_kept |v|^2)`` (``v`` term as in
+      ``"mixture"``). Needs ``q``, ``k`` and ``scale``.
     - ``"mixture"``: ``p_j = 1/(2n) + |v_j|^2 / (2 sum_kept |v|^2)`` (``1/n``
       when every kept v is 0); ``pi = p``.
     - ``"official"``: ``pi_j = |v~_j| / lambda_max(V~^T V~) + 1/n`` with
@@ -272,10 +290,13 @@ def sampling_probabilities(v, keep, probs: str, xp=np):
         p = xp.where(keep, inv_n, 0.0)                                       # (G, Nk)
         return p, p
     sq = xp.where(keep, xp.square(v, dtype=np.float64).sum(axis=-1), 0.0)   # (G, Nk) |v_j|^2, kept only
-    if probs == "mixture":
+    if probs in ("mixture", "columns"):
         total = sq.sum(axis=-1, keepdims=True)                               # (G, 1)
         share = sq / xp.where(total > 0, total, 1.0)                         # (G, Nk)
         p = xp.where(total > 0, 0.5 * inv_n + 0.5 * share, inv_n)            # (G, Nk)
+        if probs == "columns":
+            column = pilot_column_share(q, k, keep, scale, xp)               # (G, Nk)
+            p = 0.5 * (0.5 * column + 0.5 * inv_n) + 0.5 * xp.where(total > 0, share, inv_n)   # (G, Nk)
         p = xp.where(keep, p, 0.0)                                           # (G, Nk)
         return p, p
     ones = keep[..., None].astype(np.float64)                                # (G, Nk, 1)
@@ -288,6 +309,38 @@ def sampling_probabilities(v, keep, probs: str, xp=np):
     pi = xp.where(keep, pi, 0.0)                                             # (G, Nk)
     total = pi.sum(axis=-1, keepdims=True)                                   # (G, 1)
     return pi, pi / xp.where(total > 0, total, 1.0)
+
+
+def pilot_column_share(q, k, keep, scale, xp=np):
+    """``c^_j = sum_i P_ij^2 / sum_ij P_ij^2`` over the pilot rows' exact softmax ``P`` (float64).
+
+    ``1/n`` on the kept keys where the pilot rows carry no mass (a slice
+    without kept keys gets 0 everywhere).
+
+    Parameters
+    ----------
+    q : array of shape (G, Nq, D)
+    k : array of shape (G, Nk, D)
+    keep : bool array of shape (G, Nk)
+
+    Returns
+    -------
+    float64 array of shape (G, Nk)
+    """
+    rows = xp.asarray(pilot_rows(q.shape[1]))                                # (s,)
+    qp = q[:, rows].astype(np.float64)                                       # (G, s, D)
+    k64 = xp.where(keep[..., None], k, 0).astype(np.float64)                 # (G, Nk, D)
+    scores = scale * xp.matmul(qp, xp.swapaxes(k64, -1, -2))                 # (G, s, Nk)
+    scores = xp.where(keep[:, None, :], scores, -xp.inf)                     # (G, s, Nk)
+    top = scores.max(axis=-1, keepdims=True)                                 # (G, s, 1)
+    e = xp.where(keep[:, None, :], xp.exp(scores - xp.where(xp.isfinite(top), top, 0.0)), 0.0)   # (G, s, Nk)
+    z = e.sum(axis=-1, keepdims=True)                                        # (G, s, 1)
+    P = e / xp.where(z > 0, z, 1.0)                                          # (G, s, Nk)
+    c = xp.square(P).sum(axis=1)                                             # (G, Nk)
+    total = c.sum(axis=-1, keepdims=True)                                    # (G, 1)
+    n = keep.sum(axis=-1, keepdims=True)                                     # (G, 1)
+    uniform = xp.where(keep, 1.0 / xp.maximum(n, 1), 0.0)                    # (G, Nk)
+    return xp.where(total > 0, c / xp.where(total > 0, total, 1.0), uniform)
 
 
 def inverse_cdf_sample(pi, u, xp=np):
@@ -339,7 +392,7 @@ class Plan:
 
 
 def make_plan(q, k, v, mask, *, hyperplanes, q_codes, k_codes, sample_idx, uniforms, num_samples,
-              block_size, order, probs, xp=np, sampler=inverse_cdf_sample, slice_chunk=None) -> Plan:
+              block_size, order, probs, scale=None, xp=np, sampler=inverse_cdf_sample, slice_chunk=None) -> Plan:
     """Hash, sort, partition and sample: the steps 1-6 of the spec's estimator.
 
     Parameters
@@ -371,7 +424,7 @@ def make_plan(q, k, v, mask, *, hyperplanes, q_codes, k_codes, sample_idx, unifo
     q_perm, k_perm, q_block, k_block, n_kept, n_blocks = kdeformer_blocks(
         order_keys(q_codes, order), order_keys(k_codes, order), keep, block_size, xp
     )
-    pi, p = sampling_probabilities(v, keep, probs, xp)                         # (G, Nk) each
+    pi, p = sampling_probabilities(v, keep, probs, xp, q=q, k=k, scale=scale)  # (G, Nk) each
     if sample_idx is None:
         sample_idx = sampler(pi, uniforms) if num_samples > 0 else xp.zeros((G, 0), dtype=np.int64)
     sample_idx = xp.asarray(sample_idx).astype(np.int64)                       # (G, m)

@@ -191,7 +191,8 @@ def forward(q, k, v, *, mask, offset, scale, num_bits, block_size, num_samples, 
     with blas_single_thread():
         plan = make_plan(q, k, v, mask, hyperplanes=hyperplanes, q_codes=q_codes, k_codes=k_codes,
                          sample_idx=sample_idx, uniforms=uniforms, num_samples=num_samples,
-                         block_size=block_size, order=order, probs=probs, sampler=inverse_cdf_sample_numba)
+                         block_size=block_size, order=order, probs=probs, scale=scale,
+                         sampler=inverse_cdf_sample_numba)
         items, _, _ = block_items(plan.n_kept, Nq, Nk, block_size)
         rows = np.arange(G)[:, None]
         J = np.maximum(plan.sample_idx, 0)                                   # (G, m)

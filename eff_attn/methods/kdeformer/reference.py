@@ -205,7 +205,7 @@ def kdeformer_reference(q, k, v, *, mask=None, scale, num_bits, num_samples, blo
     scale : float
     num_bits, num_samples, block_size : int
     order : {"gray", "official"}
-    probs : {"mixture", "official", "uniform"}
+    probs : {"columns", "mixture", "official", "uniform"}
     hyperplanes : float64 ndarray of shape (G, r, D), optional
     q_codes, k_codes : int ndarrays of shape (G, Nq), (G, Nk), optional
     sample_idx : int ndarray of shape (G, m), optional
@@ -228,7 +228,7 @@ def kdeformer_reference(q, k, v, *, mask=None, scale, num_bits, num_samples, blo
     v_tilde = _with_ones_column(v, keep, xp)                                 # (G, Nk, Dv+1)
     plan = make_plan(q, k, v_tilde[..., :-1], mask, hyperplanes=hyperplanes, q_codes=q_codes, k_codes=k_codes,
                      sample_idx=sample_idx, uniforms=uniforms, num_samples=num_samples, block_size=block_size,
-                     order=order, probs=probs, xp=xp, sampler=sampler, slice_chunk=slice_chunk)
+                     order=order, probs=probs, scale=scale, xp=xp, sampler=sampler, slice_chunk=slice_chunk)
     items, c_q, b_max = block_items(plan.n_kept, Nq, Nk, block_size)
 
     numer_blk = xp.zeros((G, Nq, v_tilde.shape[-1]), dtype=q.dtype)          # (G, Nq, Dv+1)

@@ -32,7 +32,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
+from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
+from ..._tiles import finish_row, online_softmax_step
 from . import cpu_blocks
 
 __all__ = ["forward", "backward", "full_band", "banded_forward", "banded_backward"]
@@ -75,22 +76,6 @@ def _mask_tile(s, keep, g, i0, j0, o, wL, wR):
                 s[r, c] = -np.inf
 
 
-@serial
-def _online_row_update(row, mu_old, bits):
-    """One online-softmax step on a row of scores, in place.
-
-    Returns ``(mu_new, alpha, row_sum)`` with ``row <- exp(row - mu_new)`` and
-    ``alpha = exp(mu_old - mu_new)``. A row with nothing visible so far keeps
-    ``mu = -inf`` and becomes 0. All arithmetic stays in the row's dtype.
-    """
-    mu_new = max(mu_old, row_maximum(row))
-    if mu_new == -np.inf:
-        row[:] = 0
-        return mu_new, mu_new, mu_new
-    total = exp_shifted(row, mu_new, bits)
-    return mu_new, np.exp(mu_old - mu_new), total
-
-
 @kernel
 def _forward_kernel(q, k, v, keep, o, wL, wR, scale, block_q, block_k, out, lse):
     G, Nq, D = q.shape
@@ -115,23 +100,11 @@ def _forward_kernel(q, k, v, keep, o, wL, wR, scale, block_q, block_k, out, lse)
             s = _tile(tile, bq, j1 - j0)                                   # (Bq, Bk)
             np.dot(qs, k[g, j0:j1].T, s)                                   # (Bq, Bk) scores
             _mask_tile(s, keep, g, i0, j0, o, wL, wR)
-            for r in range(bq):
-                mu_new, alpha, total = _online_row_update(s[r], mu[r], bits)
-                if mu_new == -np.inf:                                      # nothing visible yet
-                    continue
-                ell[r] = alpha * ell[r] + total
-                if alpha != 1:
-                    acc[r] *= alpha
-                mu[r] = mu_new
+            online_softmax_step(s, mu, ell, acc, bits)                     # s <- exp(s - mu), rescale
             np.dot(s, v[g, j0:j1], pv)                                     # (Bq, Dv) P_J v_J
             acc += pv
         for r in range(bq):
-            if ell[r] > 0:
-                out[g, i0 + r] = acc[r] / ell[r]
-                lse[g, i0 + r] = mu[r] + np.log(ell[r])
-            else:
-                out[g, i0 + r] = 0
-                lse[g, i0 + r] = -np.inf
+            lse[g, i0 + r] = finish_row(acc[r], ell[r], mu[r], out[g, i0 + r])
 
 
 @serial

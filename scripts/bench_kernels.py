@@ -94,11 +94,10 @@ def _interleaved(fns: dict, repeats: int) -> dict:
                    "cpu_median_s": statistics.median(cpu[name])} for name, t in times.items()}
 
 
-def exact_vs_sdpa(sizes, repeats: int, peak: float) -> list[dict]:
+def exact_vs_sdpa(sizes, repeats: int, peak: float, rows: list, save) -> None:
     import torch
     import torch.nn.functional as F
 
-    rows = []
     for N in sizes:
         rng = np.random.default_rng(N)
         q, k, v, dout = (rng.standard_normal((1, HEADS, N, D), dtype=np.float32) for _ in range(4))
@@ -138,6 +137,7 @@ def exact_vs_sdpa(sizes, repeats: int, peak: float) -> list[dict]:
             row["ratio_best"] = t["eff_attn"]["best_s"] / t["sdpa"]["best_s"]
             row["ratio_cpu"] = t["eff_attn"]["cpu_median_s"] / t["sdpa"]["cpu_median_s"]
             rows.append(row)
+            save()
             print(f"N={N:5d} {case:16s} ours {row['eff_attn']['median_ms']:8.1f} ms  sdpa "
                   f"{row['sdpa']['median_ms']:8.1f} ms  ratio {row['ratio_median']:.2f} (best {row['ratio_best']:.2f}, "
                   f"CPU time {row['ratio_cpu']:.2f})  "
@@ -145,10 +145,9 @@ def exact_vs_sdpa(sizes, repeats: int, peak: float) -> list[dict]:
     return rows
 
 
-def methods_numba_vs_numpy(N: int, repeats: int) -> list[dict]:
+def methods_numba_vs_numpy(N: int, repeats: int, rows: list, save) -> None:
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, HEADS, N, D), dtype=np.float32) for _ in range(3))
-    rows = []
     for name in registry.method_names(builtin_only=True):
         if registry.get_method(name).impl("numba") is None:
             continue
@@ -159,6 +158,7 @@ def methods_numba_vs_numpy(N: int, repeats: int) -> list[dict]:
                "numpy_ms": t["numpy"]["median_s"] * 1e3}
         row["speedup"] = row["numpy_ms"] / row["numba_ms"]
         rows.append(row)
+        save()
         print(f"{name:16s} numba {row['numba_ms']:9.1f} ms  numpy {row['numpy_ms']:9.1f} ms  "
               f"x{row['speedup']:.1f}", flush=True)
     return rows
@@ -171,14 +171,16 @@ def render(result: dict) -> str:
     lines = [f"*{env.get('cpu', '?')}, {meta['threads']} threads for both; {versions}; {env.get('date', '')}. "
              f"Peak {meta['peak']['gflops']:.0f} GFLOP/s = {meta['peak']['assumption']}. "
              f"`{meta['command']}`*", ""]
+    if meta.get("machine_note"):
+        lines[0:0] = [f"**{meta['machine_note']}**", ""]
     if result["exact_vs_sdpa"]:
         lines += ["| N | case | eff_attn (ms) | SDPA (ms) | ratio | ratio (CPU time) | eff_attn GFLOP/s | SDPA GFLOP/s "
-                  "| eff_attn % of peak |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| eff_attn % of peak | SDPA % of peak |", "|---|---|---|---|---|---|---|---|---|---|"]
         for row in result["exact_vs_sdpa"]:
             ours, theirs = row["eff_attn"], row["sdpa"]
             lines.append(f"| {row['n']} | {CASE_NAMES[row['case']]} | {ours['median_ms']:.1f} | {theirs['median_ms']:.1f} "
                          f"| {row['ratio_median']:.2f} | {row['ratio_cpu']:.2f} | {ours['gflops']:.0f} "
-                         f"| {theirs['gflops']:.0f} | {100 * ours['peak_fraction']:.0f}% |")
+                         f"| {theirs['gflops']:.0f} | {100 * ours['peak_fraction']:.0f}% | {100 * theirs['peak_fraction']:.0f}% |")
         lines.append("")
     if result["methods"]:
         n = result["methods"][0]["n"]
@@ -211,6 +213,7 @@ def main(argv=None):
     ap.add_argument("--no-exact", action="store_true", help="skip the exact vs SDPA table")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--publish", action="store_true", help="only render --out into docs/methods/exact.md")
+    ap.add_argument("--machine-note", default="", help="a caveat printed above the tables (e.g. a shared machine)")
     args = ap.parse_args(argv)
     if args.publish:
         publish(args.out)
@@ -230,12 +233,21 @@ def main(argv=None):
             "shape": f"(1, {HEADS}, N, {D})", "repeats": args.repeats,
             "command": "python scripts/bench_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "note": "medians of interleaved repetitions; ratio = eff_attn / sdpa (below 1: eff_attn faster)",
+            "machine_note": args.machine_note,
         },
-        "exact_vs_sdpa": [] if args.no_exact else exact_vs_sdpa(args.sizes, args.repeats, peak["gflops"]),
-        "methods": [] if args.no_methods else methods_numba_vs_numpy(args.method_n, args.method_repeats),
+        "exact_vs_sdpa": [],
+        "methods": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    def save():                                                            # after every row: a partial run keeps its rows
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    if not args.no_exact:
+        exact_vs_sdpa(args.sizes, args.repeats, peak["gflops"], result["exact_vs_sdpa"], save)
+    if not args.no_methods:
+        methods_numba_vs_numpy(args.method_n, args.method_repeats, result["methods"], save)
+    save()
     print(f"wrote {args.out}")
 
 

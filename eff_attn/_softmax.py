@@ -20,9 +20,9 @@ __all__ = ["safe_row_max", "safe_log", "masked_softmax", "masked_softmax_backwar
 
 
 def safe_row_max(scores, xp=np):
-    """Row maximum, with 0 for rows that are all ``-inf``, shape (..., N, 1)."""
+    """Row maximum, with 0 for rows that are all ``-inf`` (NaN and ``+inf`` kept), shape (..., N, 1)."""
     mu = xp.max(scores, axis=-1, keepdims=True) if scores.shape[-1] else xp.full((*scores.shape[:-1], 1), -xp.inf)
-    return xp.where(xp.isfinite(mu), mu, 0.0).astype(scores.dtype, copy=False)
+    return xp.where(mu == -xp.inf, 0.0, mu).astype(scores.dtype, copy=False)
 
 
 def safe_log(x, xp=np):
@@ -34,7 +34,9 @@ def masked_softmax(scores, visible, xp=np):
     """Row softmax over the visible entries, 0 elsewhere and on empty rows.
 
     ``P_ij = exp(S_ij - mu_i) / l_i`` on visible pairs, with ``mu_i`` the row
-    max and ``l_i`` the row sum.
+    max and ``l_i`` the row sum. A NaN score makes its row NaN; a row whose
+    max is ``+inf`` puts its weight on the ``+inf`` keys (the limit of a
+    growing score: ``exp(S_ij - mu_i)`` is read as 1 where ``S_ij = mu_i``).
 
     Parameters
     ----------
@@ -50,7 +52,9 @@ def masked_softmax(scores, visible, xp=np):
     """
     scores = xp.where(visible, scores, -xp.inf)                             # (..., Nq, Nk)
     mu = safe_row_max(scores, xp)                                           # (..., Nq, 1)
-    e = xp.where(visible, xp.exp(scores - mu), 0.0).astype(scores.dtype)    # (..., Nq, Nk)
+    with np.errstate(invalid="ignore"):                                     # inf - inf where S = mu = +inf
+        e = xp.where(scores == mu, 1.0, xp.exp(scores - mu))                # (..., Nq, Nk); exp(inf - inf) := 1
+    e = xp.where(visible, e, 0.0).astype(scores.dtype)                      # (..., Nq, Nk)
     ell = e.sum(axis=-1, keepdims=True)                                     # (..., Nq, 1)
     P = e / xp.where(ell > 0, ell, 1.0)                                     # (..., Nq, Nk); empty rows 0
     lse = (mu + safe_log(ell, xp))[..., 0]                                  # (..., Nq)

@@ -19,6 +19,11 @@ import eff_attn
 from eff_attn.testing import assert_close, finite_difference_vjp, random_qkv, to_host
 from tests._harness import BackendCase
 from tests._oracles import dense_attention, visible_matrix
+from tests.methods._nonfinite import (
+    check_float32_overflow_to_plus_inf_returns_that_keys_value,
+    check_nan_input_gives_nan_rows,
+    check_plus_inf_score_returns_that_keys_value,
+)
 
 CAUSAL_MODES = [False, True, "top_left"]
 
@@ -205,6 +210,17 @@ class TestExact(BackendCase):
             assert_close(out, ref, rel=self.tol(dtype) * (10 if big else 1))
 
         check()
+
+    # --- non-finite scores (check_finite=False) ---------------------------------
+
+    def test_nan_input_gives_nan_rows_not_zeros(self):
+        check_nan_input_gives_nan_rows(self)
+
+    def test_plus_inf_score_returns_that_keys_value(self):
+        check_plus_inf_score_returns_that_keys_value(self)
+
+    def test_float32_score_overflow_returns_that_keys_value(self):
+        check_float32_overflow_to_plus_inf_returns_that_keys_value(self)
 
     def test_info_has_the_base_keys_and_flops(self):
         q, k, v = random_qkv(0, batch=(2,), Nq=4, Nk=6, D=3, Dv=5)

@@ -18,6 +18,11 @@ import eff_attn
 from eff_attn.testing import assert_close, finite_difference_vjp, random_qkv, to_host
 from tests._harness import BackendCase
 from tests._oracles import dense_attention, visible_matrix
+from tests.methods._nonfinite import (
+    check_float32_overflow_to_plus_inf_returns_that_keys_value,
+    check_nan_input_gives_nan_rows,
+    check_plus_inf_score_returns_that_keys_value,
+)
 
 CAUSAL_MODES = [False, True, "top_left"]
 
@@ -239,6 +244,17 @@ class TestLocal(BackendCase):
         )
         for name, g, e in zip("qkv", (dq, dk, dv), expected):
             assert_close(g, e, rel=1e-7, what=f"d{name}")
+
+    # --- non-finite scores (check_finite=False) ---------------------------------
+
+    def test_nan_input_gives_nan_rows_not_zeros(self):
+        check_nan_input_gives_nan_rows(self, window=4)
+
+    def test_plus_inf_score_returns_that_keys_value(self):
+        check_plus_inf_score_returns_that_keys_value(self, window=4)
+
+    def test_float32_score_overflow_returns_that_keys_value(self):
+        check_float32_overflow_to_plus_inf_returns_that_keys_value(self, window=4)
 
 
 class TestLocalNumba(TestLocal):

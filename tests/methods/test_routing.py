@@ -35,6 +35,11 @@ from eff_attn.metrics import err_over_uniform, rel_frobenius, uniform_output
 from eff_attn.testing import assert_close, finite_difference_vjp, random_qkv, to_host
 from tests._harness import BackendCase
 from tests._oracles import dense_attention, visible_matrix
+from tests.methods._nonfinite import (
+    check_float32_overflow_to_plus_inf_returns_that_keys_value,
+    check_nan_input_gives_nan_rows,
+    check_plus_inf_score_returns_that_keys_value,
+)
 
 CAUSAL_MODES = [False, True, "top_left"]
 MODES = [("argmax", "nearest"), ("argmax", "zero"), ("balanced", "zero"), ("balanced", "nearest")]
@@ -44,6 +49,7 @@ HAND_Q = np.array([[1.0, 0.9], [1.0, 0.05], [0.05, 1.0], [-1.0, -0.2]])
 HAND_K = np.array([[0.3, 1.0], [1.0, 0.2], [2.0, -0.5], [-0.2, 1.5]])
 HAND_V = np.array([[1.0], [2.0], [3.0], [4.0]])
 HAND_STATE = RoutingState(np.eye(2), np.full(2, 0.5))
+ONE_CLUSTER = RoutingState(np.array([[1.0, 0.0]]), np.ones(1))                  # every query and key in cluster 0
 
 
 # --- an independent oracle of the routing rules ------------------------------------------
@@ -531,6 +537,17 @@ class TestRouting(BackendCase):
             assert info["assignment"] == mode and info["params"]["unrouted"] == "nearest"
             assert info["zero_output_fraction"] == 0
             assert not to_host(info["empty_rows"]).any()
+
+    # --- non-finite scores (check_finite=False), one cluster ---------------------------------
+
+    def test_nan_input_gives_nan_rows_not_zeros(self):
+        check_nan_input_gives_nan_rows(self, state=ONE_CLUSTER)
+
+    def test_plus_inf_score_returns_that_keys_value(self):
+        check_plus_inf_score_returns_that_keys_value(self, state=ONE_CLUSTER)
+
+    def test_float32_score_overflow_returns_that_keys_value(self):
+        check_float32_overflow_to_plus_inf_returns_that_keys_value(self, state=ONE_CLUSTER)
 
 
 class TestRoutingNumba(TestRouting):

@@ -13,10 +13,15 @@ Blocking
     vectorised :func:`eff_attn._jit.exp_shifted`.
 
 Backward
-    Two passes and no atomics: one task per key block accumulates that
-    block's ``dk`` and ``dv`` over all query blocks; one task per query block
-    accumulates ``dq`` over all key blocks. Both recompute ``P = exp(S - L)``
-    from the saved logsumexp ``L``.
+    No atomics; every tile recomputes ``P = exp(S - L)`` from the saved
+    logsumexp ``L`` and ``delta_i = dO_i . O_i``. When the slices fill the
+    threads (``G`` a multiple of, or at least twice, the thread count), one
+    task per slice walks the key blocks in order, completing each block's
+    ``dk`` and ``dv`` and adding its share to the slice's ``dq`` (FlashAttention-2
+    order: five tile products). Otherwise two passes split the work finer: one
+    task per key block accumulates that block's ``dk`` and ``dv`` over all query
+    blocks, one task per query block accumulates ``dq`` over all key blocks
+    (seven products, since both recompute ``S`` and ``dP``).
 
 Bands
     The kernels attend over a band of positions: query ``i`` at ``p_i = i + o``
@@ -29,10 +34,12 @@ Bands
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
-from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
+from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
+from ..._tiles import finish_row, online_softmax_step
 from . import cpu_blocks
 
 __all__ = ["forward", "backward", "full_band", "banded_forward", "banded_backward"]
@@ -75,22 +82,6 @@ def _mask_tile(s, keep, g, i0, j0, o, wL, wR):
                 s[r, c] = -np.inf
 
 
-@serial
-def _online_row_update(row, mu_old, bits):
-    """One online-softmax step on a row of scores, in place.
-
-    Returns ``(mu_new, alpha, row_sum)`` with ``row <- exp(row - mu_new)`` and
-    ``alpha = exp(mu_old - mu_new)``. A row with nothing visible so far keeps
-    ``mu = -inf`` and becomes 0. All arithmetic stays in the row's dtype.
-    """
-    mu_new = max(mu_old, row_maximum(row))
-    if mu_new == -np.inf:
-        row[:] = 0
-        return mu_new, mu_new, mu_new
-    total = exp_shifted(row, mu_new, bits)
-    return mu_new, np.exp(mu_old - mu_new), total
-
-
 @kernel
 def _forward_kernel(q, k, v, keep, o, wL, wR, scale, block_q, block_k, out, lse):
     G, Nq, D = q.shape
@@ -115,23 +106,11 @@ def _forward_kernel(q, k, v, keep, o, wL, wR, scale, block_q, block_k, out, lse)
             s = _tile(tile, bq, j1 - j0)                                   # (Bq, Bk)
             np.dot(qs, k[g, j0:j1].T, s)                                   # (Bq, Bk) scores
             _mask_tile(s, keep, g, i0, j0, o, wL, wR)
-            for r in range(bq):
-                mu_new, alpha, total = _online_row_update(s[r], mu[r], bits)
-                if mu_new == -np.inf:                                      # nothing visible yet
-                    continue
-                ell[r] = alpha * ell[r] + total
-                if alpha != 1:
-                    acc[r] *= alpha
-                mu[r] = mu_new
+            online_softmax_step(s, mu, ell, acc, bits)                     # s <- exp(s - mu), rescale
             np.dot(s, v[g, j0:j1], pv)                                     # (Bq, Dv) P_J v_J
             acc += pv
         for r in range(bq):
-            if ell[r] > 0:
-                out[g, i0 + r] = acc[r] / ell[r]
-                lse[g, i0 + r] = mu[r] + np.log(ell[r])
-            else:
-                out[g, i0 + r] = 0
-                lse[g, i0 + r] = -np.inf
+            lse[g, i0 + r] = finish_row(acc[r], ell[r], mu[r], out[g, i0 + r])
 
 
 @serial
@@ -223,6 +202,47 @@ def _backward_q_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block_
         dq[g, i0:i1] = dq_acc * scale
 
 
+@kernel
+def _backward_slice_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block_q, block_k, dq, dk, dv):
+    G, Nq, D = q.shape
+    Nk, Dv = k.shape[1], v.shape[2]
+    for g in prange(G):
+        dq[g] = 0
+        dk_part = np.empty((block_k, D), dtype=q.dtype)
+        dv_part = np.empty((block_k, Dv), dtype=q.dtype)
+        dq_part = np.empty((block_q, D), dtype=q.dtype)
+        p_buf = np.empty(block_q * block_k, dtype=q.dtype)
+        ds_buf = np.empty(block_q * block_k, dtype=q.dtype)
+        bits = np.empty(block_k, dtype=np.int32)
+        # Invariant: after key block J, dk_J and dv_J are complete and dq holds the sum over blocks <= J.
+        for j0 in range(0, Nk, block_k):
+            j1 = min(Nk, j0 + block_k)
+            bk = j1 - j0
+            ks = k[g, j0:j1] * scale                                       # (Bk, D)
+            dk_acc = np.zeros((bk, D), dtype=q.dtype)                      # (Bk, D)
+            dv_acc = np.zeros((bk, Dv), dtype=q.dtype)                     # (Bk, Dv)
+            first, stop = _query_range(j0, j1, o, wL, wR, Nq)
+            for i0 in range(first, stop, block_q):
+                i1 = min(stop, i0 + block_q)
+                bq = i1 - i0
+                p = _tile(p_buf, bq, bk)                                   # (Bq, Bk)
+                ds = _tile(ds_buf, bq, bk)                                 # (Bq, Bk)
+                do = dout[g, i0:i1]                                        # (Bq, Dv)
+                np.dot(q[g, i0:i1], ks.T, p)                               # (Bq, Bk) scores
+                _probabilities(p, lse, keep, g, i0, j0, o, wL, wR, bits)   # (Bq, Bk) P
+                np.dot(p.T, do, dv_part[:bk])                              # (Bk, Dv)
+                dv_acc += dv_part[:bk]
+                np.dot(do, v[g, j0:j1].T, ds)                              # (Bq, Bk) dP
+                _score_gradient(p, ds, delta, g, i0)                       # (Bq, Bk) dS
+                np.dot(ds.T, q[g, i0:i1], dk_part[:bk])                    # (Bk, D)
+                dk_acc += dk_part[:bk]
+                np.dot(ds, k[g, j0:j1], dq_part[:bq])                      # (Bq, D)
+                dq[g, i0:i1] += dq_part[:bq]
+            dk[g, j0:j1] = dk_acc * scale
+            dv[g, j0:j1] = dv_acc
+        dq[g] *= scale
+
+
 def full_band(offset, Nq: int, Nk: int) -> tuple[int, int, int]:
     """``(o, wL, wR)`` of the band that holds every visible key: exact attention as a band."""
     if offset is None:
@@ -252,9 +272,18 @@ def banded_backward(dout, q, k, v, out, lse, mask, band, scale, block_q, block_k
     args = (q, k, v, dout, lse, delta, _keep(mask), *band, q.dtype.type(scale), block_q, block_k)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     with blas_single_thread():
-        _backward_kv_kernel(*args, dk, dv)
-        _backward_q_kernel(*args, dq)
+        if _slices_fill_the_threads(q.shape[0]):                           # one pass, five products per tile
+            _backward_slice_kernel(*args, dq, dk, dv)
+        else:                                                              # two passes, seven products per tile
+            _backward_kv_kernel(*args, dk, dv)
+            _backward_q_kernel(*args, dq)
     return dq, dk, dv
+
+
+def _slices_fill_the_threads(G: int) -> bool:
+    """Whether one task per slice keeps every Numba thread busy: G a multiple of, or at least twice, the threads."""
+    threads = numba.get_num_threads()
+    return G % threads == 0 or G >= 2 * threads
 
 
 def forward(q, k, v, *, mask, offset, scale, algorithm="auto", block_q=None, block_k=None):

@@ -37,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
+from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
+from ..._tiles import finish_row, online_softmax_step
 from ..exact import CPU_TILE_MACS, cpu_blocks
 from . import finish_res
 from .plan import (
@@ -200,27 +201,6 @@ def _mask_beyond(s, limit, j0):
             s[r, c] = -np.inf
 
 
-@serial
-def _online_softmax_step(s, mu, ell, acc, bits):
-    """In place ``s <- exp(s - mu_new)`` per row, rescaling ``ell`` and ``acc``.
-
-    Invariant: ``ell = sum_{seen j} exp(S_j - mu)``, ``acc = sum exp(S_j - mu) v_j``.
-    Rows with nothing visible so far keep ``mu = -inf`` and get ``s = 0``.
-    """
-    for r in range(s.shape[0]):
-        row = s[r]
-        mu_new = max(mu[r], row_maximum(row))
-        if mu_new == -np.inf:
-            row[:] = 0
-            continue
-        total = exp_shifted(row, mu_new, bits)
-        alpha = np.exp(mu[r] - mu_new)
-        ell[r] = alpha * ell[r] + total
-        if alpha != 1:
-            acc[r] *= alpha
-        mu[r] = mu_new
-
-
 @kernel
 def _segment_forward(q, k, v, qrow, qperm, krow, kperm, koff, tasks, causal, offset, scale, block_k,
                      slot_out, slot_lse):
@@ -247,14 +227,12 @@ def _segment_forward(q, k, v, qrow, qperm, krow, kperm, koff, tasks, causal, off
             s = tile[: bq * (j1 - j0)].reshape((bq, j1 - j0))              # (Bq, Bk)
             np.dot(qs, kt[: j1 - j0].T, s)                                 # (Bq, Bk) scores
             _mask_beyond(s, limit, j0)
-            _online_softmax_step(s, mu, ell, acc, bits)
+            online_softmax_step(s, mu, ell, acc, bits)
             np.dot(s, vt[: j1 - j0], pv)                                   # (Bq, Dv) P_J v_J
             acc += pv
         for r in range(bq):
             slot = qperm[g, a0 + r]
-            if ell[r] > 0:
-                slot_out[g, slot] = acc[r] / ell[r]
-                slot_lse[g, slot] = mu[r] + np.log(ell[r])
+            slot_lse[g, slot] = finish_row(acc[r], ell[r], mu[r], slot_out[g, slot])
 
 
 @serial
@@ -411,7 +389,7 @@ def _segment_sizes(off, C):
 def _slot_weights(layout, slot_lse, Nq):
     """Forward weight of each slot: ``1 / |C^+_i|`` if it serves its row, else 0 (G, Sq)."""
     G = slot_lse.shape[0]
-    served = np.isfinite(slot_lse) & (layout.qrow >= 0)                     # (G, Sq)
+    served = ~np.isneginf(slot_lse) & (layout.qrow >= 0)                    # (G, Sq); NaN, +inf served
     rows = np.where(layout.qrow >= 0, layout.qrow, 0)
     n = np.zeros((G, Nq), dtype=np.int64)
     np.add.at(n, (np.arange(G)[:, None], rows), served)

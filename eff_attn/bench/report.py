@@ -199,7 +199,7 @@ def print_table(result: dict, console=None):
         table = Table(title=f"N = {n}  ({first['problem']}, {first['heads']} heads, D = {first['d']}, "
                             f"{first['dtype']}{', causal' if first['causal'] else ''}"
                             f"{', backend ' + next(iter(backends)) if one_backend else ''})",
-                      box=None, padding=(0, 1), pad_edge=False, title_justify="left", header_style="bold underline",
+                      box=None, padding=(0, 1, 0, 0), pad_edge=False, title_justify="left", header_style="bold underline",
                       caption="error: median relative Frobenius error against the target; /unif: that over the "
                               "uniform mean's; better: than the uniform mean; softmax: error against softmax; "
                               "ms: warm median; MB: peak",

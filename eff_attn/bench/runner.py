@@ -280,7 +280,11 @@ def _time_sdpa(q, k, v, causal, repeats, time_budget_s):
 
 def _torch_missing() -> str | None:
     """Why the SDPA anchor cannot run here, or None."""
-    return None if importlib.util.find_spec("torch") is not None else TORCH_MISSING
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return TORCH_MISSING
+    return None
 
 
 def run_compare(config: CompareConfig, progress=None) -> dict:

@@ -95,6 +95,11 @@ def fastest_within(rows, max_error: float, *, error: str = "rel_fro_median"):
     return min(within, key=lambda r: r["warm_ms"]) if within else None
 
 
+#: Columns of runs written before each row had a target: they were all judged against softmax.
+_BEFORE_TARGETS = {"target": None, "target_error_median": "rel_fro_median",
+                   "target_error_p90": "rel_fro_p90", "target_ratio_median": "err_ratio_median"}
+
+
 def markdown_table(rows, *, columns=("method", "budget", "backend", "rel_fro_median", "err_ratio_median",
                                      "warm_ms", "peak_mb")) -> str:
     """A Markdown table of ``rows`` with numbers rounded for reading."""
@@ -115,6 +120,8 @@ def markdown_table(rows, *, columns=("method", "budget", "backend", "rel_fro_med
                 value = budget_label(row)
             if c == "beats_uniform":
                 value = _verdict(row)
+            if value is None and c in _BEFORE_TARGETS:                    # a run written before targets existed
+                value = "softmax" if c == "target" else row.get(_BEFORE_TARGETS[c])
             cells.append(_fmt(value, formats[c]) if c in formats else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -43,9 +43,11 @@ from .problems import make_problem
 from .targets import SOFTMAX, Target, target_of
 
 __all__ = ["CompareConfig", "run_compare", "environment", "expected_cost", "check_backends", "sdpa_inputs", "SDPA",
-           "TORCH_MISSING"]
+           "SDPA_CALL", "TORCH_MISSING"]
 
 SDPA = "sdpa"
+#: How the SDPA anchor is called, recorded in every result (runs without it passed 3-D tensors).
+SDPA_CALL = "4-D (B, H, N, D) contiguous tensors"
 TORCH_MISSING = "torch is not installed (pip install torch to time PyTorch's SDPA as the speed anchor)"
 
 
@@ -341,7 +343,7 @@ def run_compare(config: CompareConfig, progress=None) -> dict:
                              flops=4 * config.heads * n * n * config.d, config=config, target=SOFTMAX))
             tick(label, _sdpa_cost(n, config))
     return {
-        "meta": {"config": asdict(config), "environment": environment()},
+        "meta": {"config": asdict(config), "environment": environment(), "sdpa_call": SDPA_CALL},
         "rows": rows,
         "skipped": skipped,
     }

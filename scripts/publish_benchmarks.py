@@ -88,9 +88,31 @@ def _stale_sdpa(payload: dict) -> bool:
     return "sdpa_call" not in payload["meta"] and any(r["method"] == "sdpa" for r in payload["rows"])
 
 
+def render_walltime(payload: dict, name: str) -> str:
+    """The block of a ``scripts/bench_compare_walltime.py`` result: cold and warm wall time, slowest cells."""
+    meta = payload["meta"]
+    warm = ", ".join(f"{w:.0f} s" for w in payload["warm_s"])
+    cold_cpu = payload["cold_run"].get("cpu_s")
+    warm_cpu = ", ".join(f"{w['cpu_s']:.0f} s" for w in payload["warm_runs"] if "cpu_s" in w)
+    lines = [f"Command: `{meta['command']}`, timed by `{meta['script']}`.  ",
+             f"Machine: {_environment_line(meta)}; load average {meta.get('load_average_at_end', ['?'])[0]:.1f} "
+             "at the end.  ", f"Raw data: `benchmarks/{name}/results.json`.", "",
+             "| Numba cache | wall time | CPU time (user + system) |", "|---|---|---|",
+             f"| cold (empty) | {payload['cold_s']:.0f} s | {cold_cpu:.0f} s |" if cold_cpu is not None else
+             f"| cold (empty) | {payload['cold_s']:.0f} s | — |",
+             f"| warm | {warm} | {warm_cpu or '—'} |", ""]
+    cells = payload["warm_runs"][-1]["cells"] if payload["warm_runs"] else payload["cold_run"]["cells"]
+    slowest = sorted(cells.items(), key=lambda kv: -(kv[1]["cell_s"] or 0))[:5]
+    lines.append("Slowest cells of the last warm run (fitting, timing and scoring included): "
+                 + ", ".join(f"{k} {v['cell_s']:.1f} s" for k, v in slowest) + ".")
+    return "\n".join(lines) + "\n"
+
+
 def render(name: str) -> str:
     """The Markdown block of ``benchmarks/<name>/results.json``."""
     payload = load_json(RESULTS / name / "results.json")
+    if payload.get("kind") == "compare-walltime":
+        return render_walltime(payload, name)
     meta, rows = payload["meta"], payload["rows"]
     config = meta["config"]
     parts = [f"Command: `{meta.get('command', 'eff-attn compare')}`  ",
@@ -179,6 +201,8 @@ def replot(name: str) -> None:
     """Redraw the run's plots from its JSON (the current plotting code), then copy them to the docs."""
     from eff_attn.bench.plots import write_plots
 
+    if load_json(RESULTS / name / "results.json").get("kind") == "compare-walltime":
+        return
     for old in (RESULTS / name).glob("*.png"):
         old.unlink()
     write_plots(load_json(RESULTS / name / "results.json"), RESULTS / name)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every committed CPU benchmark under benchmarks/cpu/, then the docs tables and plots.
 #
-#   bash scripts/run_benchmarks.sh            # all runs (about 45 to 60 min on a quiet 2-core box)
+#   bash scripts/run_benchmarks.sh            # all runs (about 40 min on a quiet 2-core box)
 #   bash scripts/run_benchmarks.sh exact      # only the named runs (folder names under benchmarks/cpu/)
 #
 # Run it on a quiet machine, from the repository root, with the numba extra and torch installed

@@ -40,6 +40,7 @@ from .._validate import check_inputs
 from ..registry import NotSupportedError
 from .measure import peak_memory, time_call
 from .problems import make_problem
+from .report import BETTER_THAN_UNIFORM
 from .targets import SOFTMAX, Target, target_of
 
 __all__ = ["CompareConfig", "run_compare", "environment", "expected_cost", "check_backends", "sdpa_inputs", "SDPA",
@@ -407,7 +408,7 @@ def _row(n, problem, method, budget_name, budget_value, backend, errs, timing, m
         "target_error_p90": target_fro90,
         "target_ratio_median": target_ratio,                       # ... over the uniform mean's, same target
         "target_ratio_p90": target_ratio90,
-        "beats_uniform": bool(target_ratio < 1.0),
+        "beats_uniform": bool(target_ratio < BETTER_THAN_UNIFORM),
         "rel_fro_median": fro,                                     # against softmax, for every row
         "rel_fro_p90": fro90,
         "rel_spectral_median": spec,

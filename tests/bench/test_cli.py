@@ -63,3 +63,9 @@ def test_compact_numbers_keep_three_digits_in_eight_characters():
              0.0012: "0.00120", 2.5e-16: "2.50e-16", 0.0: "0", float("nan"): "-"}
     for value, text in cases.items():
         assert report.compact(value) == text and len(text) <= 8
+
+
+def test_the_verdict_needs_a_clear_margin_over_the_uniform_mean():
+    assert report._verdict({"target_ratio_median": 0.99995}) == "no"     # the uniform row itself, in float32
+    assert report._verdict({"target_ratio_median": 0.5}) == "yes"
+    assert report._verdict({"target_ratio_median": 3.2}) == "no"

@@ -69,3 +69,14 @@ def test_the_verdict_needs_a_clear_margin_over_the_uniform_mean():
     assert report._verdict({"target_ratio_median": 0.99995}) == "no"     # the uniform row itself, in float32
     assert report._verdict({"target_ratio_median": 0.5}) == "yes"
     assert report._verdict({"target_ratio_median": 3.2}) == "no"
+
+
+def test_each_method_keeps_one_colour_in_every_plot():
+    from eff_attn import registry
+    from eff_attn.bench.plots import method_style
+
+    names = registry.method_names(builtin_only=True) + ["sdpa"]
+    colours = [method_style(name)["color"] for name in names]
+    assert len(set(colours)) == len(names)                               # built-ins never share a colour
+    assert method_style("yoso") == method_style("yoso")
+    assert method_style("my_method") == method_style("my_method")         # stable for a user's method too

@@ -89,7 +89,7 @@ def attention_speed(repeats, sizes, numpy_sizes):
                                                                                         predictor="kmeans",
                                                                                         backend="numpy")
         if torch is not None:
-            tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+            tq, tk, tv = (torch.from_numpy(a[None]) for a in (q, k, v))  # (1, H, N, D): the fused path
             rows["torch SDPA (softmax)"] = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
         for name, fn in rows.items():
             t = timed(fn, 1 if "numpy" in name else repeats)

@@ -10,7 +10,9 @@ has a block in ``docs/benchmarks.md`` between the markers
     <!-- END <device>/<run> -->
 
 (and ``docs/tutorials/choosing-a-method.md`` has a ``summary`` block, one line per
-method from the real-heads, clustered and scaling runs), which this script fills
+method from the real-heads, clustered and scaling runs; an ``sdpa-anchor`` block
+holds the Numba-exact / SDPA time and memory ratios of the ``cpu/exact`` run, so no
+"× SDPA" figure is typed by hand), which this script fills
 with: the command, device and versions; a results table
 per N (every method and budget); for sweeps over N, the scaling exponents and
 crossovers. The run's plots are redrawn from its JSON and copied to
@@ -38,8 +40,10 @@ TUTORIAL = ROOT / "docs" / "tutorials" / "choosing-a-method.md"
 SUMMARY_RUNS = {"real": "cpu/real-512", "clustered": "cpu/clustered-2048", "scaling": "cpu/scaling-gaussian"}
 FIGURES = ROOT / "docs" / "figures" / "benchmarks"
 BLOCK = re.compile(r"(<!-- BEGIN (?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!-- END (?P=name) -->)", re.S)
-COLUMNS = ("method", "budget", "backend", "rel_fro_median", "rel_fro_p90", "err_ratio_median", "warm_ms",
-           "compile_s", "peak_mb")
+COLUMNS = ("method", "budget", "backend", "target", "target_error_median", "target_ratio_median", "beats_uniform",
+           "rel_fro_median", "warm_ms", "compile_s", "peak_mb")
+#: The run the ``sdpa-anchor`` block reads.
+ANCHOR_RUN = "cpu/exact"
 
 
 def _environment_line(meta: dict) -> str:
@@ -74,9 +78,41 @@ def _derived(payload: dict) -> str:
     return "\n".join(lines)
 
 
+#: Said of a run whose SDPA rows came from 3-D input (torch's CPU math path), until it is regenerated.
+STALE_SDPA = ("**This run predates the 4-D SDPA call:** its `sdpa` times and memory are torch's CPU math "
+              "path (3-D input), several times slower than a user's 4-D call. Regenerate it with "
+              "`bash scripts/run_benchmarks.sh`.")
+
+
+def _stale_sdpa(payload: dict) -> bool:
+    return "sdpa_call" not in payload["meta"] and any(r["method"] == "sdpa" for r in payload["rows"])
+
+
+def render_walltime(payload: dict, name: str) -> str:
+    """The block of a ``scripts/bench_compare_walltime.py`` result: cold and warm wall time, slowest cells."""
+    meta = payload["meta"]
+    warm = ", ".join(f"{w:.0f} s" for w in payload["warm_s"])
+    cold_cpu = payload["cold_run"].get("cpu_s")
+    warm_cpu = ", ".join(f"{w['cpu_s']:.0f} s" for w in payload["warm_runs"] if "cpu_s" in w)
+    lines = [f"Command: `{meta['command']}`, timed by `{meta['script']}`.  ",
+             f"Machine: {_environment_line(meta)}; load average {meta.get('load_average_at_end', ['?'])[0]:.1f} "
+             "at the end.  ", f"Raw data: `benchmarks/{name}/results.json`.", "",
+             "| Numba cache | wall time | CPU time (user + system) |", "|---|---|---|",
+             f"| cold (empty) | {payload['cold_s']:.0f} s | {cold_cpu:.0f} s |" if cold_cpu is not None else
+             f"| cold (empty) | {payload['cold_s']:.0f} s | — |",
+             f"| warm | {warm} | {warm_cpu or '—'} |", ""]
+    cells = payload["warm_runs"][-1]["cells"] if payload["warm_runs"] else payload["cold_run"]["cells"]
+    slowest = sorted(cells.items(), key=lambda kv: -(kv[1]["cell_s"] or 0))[:5]
+    lines.append("Slowest cells of the last warm run (fitting, timing and scoring included): "
+                 + ", ".join(f"{k} {v['cell_s']:.1f} s" for k, v in slowest) + ".")
+    return "\n".join(lines) + "\n"
+
+
 def render(name: str) -> str:
     """The Markdown block of ``benchmarks/<name>/results.json``."""
     payload = load_json(RESULTS / name / "results.json")
+    if payload.get("kind") == "compare-walltime":
+        return render_walltime(payload, name)
     meta, rows = payload["meta"], payload["rows"]
     config = meta["config"]
     parts = [f"Command: `{meta.get('command', 'eff-attn compare')}`  ",
@@ -84,6 +120,8 @@ def render(name: str) -> str:
              f"{', causal' if config['causal'] else ''}; {config['seeds']} seed(s) per randomised method.  ",
              f"Machine: {_environment_line(meta)}.  ",
              f"Raw data: `benchmarks/{name}/results.json`."]
+    if _stale_sdpa(payload):
+        parts += ["", STALE_SDPA]
     for n in sorted({r["n"] for r in rows}):
         parts += ["", f"**N = {n}**", "", markdown_table([r for r in rows if r["n"] == n], columns=COLUMNS)]
     reasons = {}
@@ -131,16 +169,40 @@ def render_summary() -> str:
         cross = [v for k, v in crossover.items() if k.startswith(f"{method} |")]
         cells.append(str(cross[0]) if cross and cross[0] else "not within the sweep" if cross else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    sdpa = at_max.get("sdpa")
+    sdpa = None if _stale_sdpa(scaling) else at_max.get("sdpa")
     note = (f"\nExact attention (Numba) takes {exact_ms / 1e3:.2f} s at $N={n_max}$"
             + (f", PyTorch's CPU SDPA {sdpa['warm_ms'] / 1e3:.2f} s." if sdpa else "."))
     return "\n".join(lines) + "\n" + note + "\n"
+
+
+def render_sdpa_anchor() -> str:
+    """Numba exact attention against PyTorch's SDPA (4-D input) at every N of the exact run: time and memory."""
+    payload = load_json(RESULTS / ANCHOR_RUN / "results.json")
+    rows = payload["rows"]
+    lines = ["| N | exact, Numba (ms) | SDPA (ms) | exact time / SDPA time | exact peak MB | SDPA peak MB |",
+             "|---|---|---|---|---|---|"]
+    for n in sorted({r["n"] for r in rows}):
+        exact = [r for r in rows if r["n"] == n and r["method"] == "exact" and r["backend"] == "numba"]
+        sdpa = [r for r in rows if r["n"] == n and r["method"] == "sdpa"]
+        if not exact or not sdpa:
+            continue
+        e, t = min(exact, key=lambda r: r["warm_ms"]), sdpa[0]
+        lines.append(f"| {n} | {e['warm_ms']:.1f} | {t['warm_ms']:.1f} | {e['warm_ms'] / t['warm_ms']:.2f} "
+                     f"| {e['peak_mb']:.0f} | {t['peak_mb']:.0f} |")
+    env = payload["meta"]["environment"]
+    if _stale_sdpa(payload):
+        lines = [STALE_SDPA, ""] + lines
+    return ("\n".join(lines) + f"\n\nFrom `benchmarks/{ANCHOR_RUN}/results.json` (`{payload['meta'].get('command')}`), "
+            f"torch {env.get('versions', {}).get('torch', '?')}, {env.get('cpu', '?')}. "
+            "A ratio below 1 means the Numba kernel is faster.\n")
 
 
 def replot(name: str) -> None:
     """Redraw the run's plots from its JSON (the current plotting code), then copy them to the docs."""
     from eff_attn.bench.plots import write_plots
 
+    if load_json(RESULTS / name / "results.json").get("kind") == "compare-walltime":
+        return
     for old in (RESULTS / name).glob("*.png"):
         old.unlink()
     write_plots(load_json(RESULTS / name / "results.json"), RESULTS / name)
@@ -155,7 +217,8 @@ def replot(name: str) -> None:
 def updated_page(text: str) -> str:
     def fill(match):
         name = match.group("name")
-        return match.group(1) + (render_summary() if name == "summary" else render(name)) + match.group(4)
+        special = {"summary": render_summary, "sdpa-anchor": render_sdpa_anchor}
+        return match.group(1) + (special[name]() if name in special else render(name)) + match.group(4)
 
     return BLOCK.sub(fill, text)
 
@@ -165,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if the docs are out of date")
     args = parser.parse_args(argv)
     text = PAGE.read_text()
-    names = [m.group("name") for m in BLOCK.finditer(text)]
+    names = [m.group("name") for m in BLOCK.finditer(text) if m.group("name") not in ("summary", "sdpa-anchor")]
     if not args.check:
         for name in names:
             replot(name)

@@ -7,7 +7,8 @@
 - :func:`pareto_front`: the rows no other row beats on both error and time.
 - :func:`fastest_within`: the fastest row whose error meets a target.
 - :func:`markdown_table`: a results table for the docs.
-- :func:`print_table`: a rich table on the terminal.
+- :func:`compact`: numbers in at most 7 characters, never cut.
+- :func:`print_table`: a rich table on the terminal that fits 80 columns.
 - :func:`write_json`: the results, with device, versions and command.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["scaling_exponents", "crossovers", "budget_label", "pareto_front", "fastest_within", "markdown_table",
-           "print_table", "write_json", "load_json", "summarise"]
+           "compact", "print_table", "write_json", "load_json", "summarise"]
 
 
 def _key(row) -> tuple:
@@ -65,11 +66,11 @@ def crossovers(rows) -> dict:
 
 
 def budget_label(row) -> str:
-    """``"window=64"`` for a row of a budget sweep; the bare budget (``"default"``) otherwise."""
-    name = row.get("budget_name")
-    if name and name in (row.get("params") or {}):
-        return f"{name}={row['budget']}"
-    return str(row["budget"])
+    """``"window=64"`` for a row with a budget parameter (given or resolved); the bare budget otherwise."""
+    name, budget = row.get("budget_name"), str(row["budget"])
+    if name and budget != "default" and "=" not in budget:
+        return f"{name}={budget}"
+    return budget
 
 
 def pareto_front(rows, *, error: str = "rel_fro_median") -> list[dict]:
@@ -94,14 +95,22 @@ def fastest_within(rows, max_error: float, *, error: str = "rel_fro_median"):
     return min(within, key=lambda r: r["warm_ms"]) if within else None
 
 
+#: Columns of runs written before each row had a target: they were all judged against softmax.
+_BEFORE_TARGETS = {"target": None, "target_error_median": "rel_fro_median",
+                   "target_error_p90": "rel_fro_p90", "target_ratio_median": "err_ratio_median"}
+
+
 def markdown_table(rows, *, columns=("method", "budget", "backend", "rel_fro_median", "err_ratio_median",
                                      "warm_ms", "peak_mb")) -> str:
     """A Markdown table of ``rows`` with numbers rounded for reading."""
-    header = {"rel_fro_median": "rel. error (median)", "err_ratio_median": "err / err_uniform",
+    header = {"rel_fro_median": "rel. error vs softmax (median)", "err_ratio_median": "err / err_uniform",
               "rel_spectral_median": "spectral error", "warm_ms": "warm ms", "peak_mb": "peak MB",
-              "compile_s": "compile s", "rel_fro_p90": "rel. error (p90)"}
+              "compile_s": "compile s", "rel_fro_p90": "rel. error vs softmax (p90)", "target": "judged against",
+              "target_error_median": "rel. error vs target (median)", "target_error_p90": "rel. error vs target (p90)",
+              "target_ratio_median": "err / err_uniform (target)", "beats_uniform": "better than uniform"}
     formats = {"rel_fro_median": ".3f", "rel_fro_p90": ".3f", "err_ratio_median": ".3f",
-               "rel_spectral_median": ".3f", "warm_ms": ".1f", "peak_mb": ".0f", "compile_s": ".1f"}
+               "rel_spectral_median": ".3f", "warm_ms": ".1f", "peak_mb": ".0f", "compile_s": ".1f",
+               "target_error_median": ".3f", "target_error_p90": ".3f", "target_ratio_median": ".3f"}
     lines = ["| " + " | ".join(header.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -109,6 +118,10 @@ def markdown_table(rows, *, columns=("method", "budget", "backend", "rel_fro_med
             value = row.get(c)
             if c == "budget":
                 value = budget_label(row)
+            if c == "beats_uniform":
+                value = _verdict(row)
+            if value is None and c in _BEFORE_TARGETS:                    # a run written before targets existed
+                value = "softmax" if c == "target" else row.get(_BEFORE_TARGETS[c])
             cells.append(_fmt(value, formats[c]) if c in formats else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -129,33 +142,92 @@ def _fmt(x, spec=".3g") -> str:
     return format(x, spec)
 
 
+def compact(x) -> str:
+    """A number in at most 8 characters with 3 significant digits: ``0.973``, ``12.3``, ``4097``, ``9.73e-8``.
+
+    Plain notation from 0.001 to 99999 (whole numbers from 100 on), else
+    scientific with the shortest exponent.
+    """
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    x = float(x)
+    a = abs(x)
+    if a == 0:
+        return "0"
+    if 1e-3 <= a < 1e5:
+        digits = max(0, 2 - int(math.floor(math.log10(a))))
+        text = f"{x:.{digits}f}"
+        return text if len(text) <= 7 else f"{x:.0f}"
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+#: A row is better than the uniform mean when its error is below this fraction of the mean's: float32
+#: rounding alone moves the uniform row itself a hair below 1.
+BETTER_THAN_UNIFORM = 0.999
+
+
+def _verdict(row) -> str:
+    """``"yes"`` when the row's error against its target is clearly below the uniform mean's (median over heads)."""
+    ratio = row.get("target_ratio_median", row.get("err_ratio_median"))
+    if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)):
+        return "-"
+    return "yes" if ratio < BETTER_THAN_UNIFORM else "no"
+
+
+#: print_table's columns: (header, justify, row -> text). Fits 80 columns with a 17-character method cell.
+_COLUMNS = (
+    ("target", "left", lambda r: r.get("target", "softmax")),
+    ("error", "right", lambda r: compact(r.get("target_error_median", r["rel_fro_median"]))),
+    ("/unif", "right", lambda r: compact(r.get("target_ratio_median", r["err_ratio_median"]))),
+    ("better", "left", _verdict),
+    ("softmax", "right", lambda r: compact(r["rel_fro_median"])),
+    ("ms", "right", lambda r: compact(r["warm_ms"])),
+    ("MB", "right", lambda r: compact(r["peak_mb"])),
+)
+
+
 def print_table(result: dict, console=None):
-    """Print one rich table per sequence length."""
+    """Print one rich table per sequence length, then the skipped cells with their reasons.
+
+    Each row: the method and its budget (wrapped onto a second line), the
+    target it is judged against, its relative error against that target,
+    that error over the uniform mean's, the verdict (better than the
+    uniform mean?), its relative error against softmax, warm time and peak
+    memory. Numbers use :func:`compact`, so none is cut at 80 columns;
+    the JSON holds every field in full.
+    """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
-    rows = result["rows"]
-    for n in sorted({r["n"] for r in rows}):
-        table = Table(title=f"N = {n}  ({rows[0]['problem']}, {rows[0]['heads']} heads, D = {rows[0]['d']}, "
-                            f"{rows[0]['dtype']}{', causal' if rows[0]['causal'] else ''})")
-        for col, justify in [("method", "left"), ("budget", "right"), ("backend", "left"), ("rel. error", "right"),
-                             ("spectral", "right"), ("err/unif", "right"), ("warm ms", "right"),
-                             ("compile s", "right"), ("peak MB", "right"), ("GFLOP", "right")]:
-            table.add_column(col, justify=justify, no_wrap=True)
+    rows, skipped = result["rows"], result.get("skipped", [])
+    config = result.get("meta", {}).get("config", {})
+    first = rows[0] if rows else {**config, "problem": config.get("problem", "?"), "d": config.get("d", "?")}
+    backends = {r["backend"] for r in rows if r["method"] != "sdpa"}
+    one_backend = len(backends) == 1
+    for n in sorted({r["n"] for r in rows} | {s["n"] for s in skipped}):
+        table = Table(title=f"N = {n}  ({first['problem']}, {first['heads']} heads, D = {first['d']}, "
+                            f"{first['dtype']}{', causal' if first['causal'] else ''}"
+                            f"{', backend ' + next(iter(backends)) if one_backend else ''})",
+                      box=None, padding=(0, 1, 0, 0), pad_edge=False, title_justify="left", header_style="bold underline",
+                      caption="error: median relative Frobenius error against the target; /unif: that over the "
+                              "uniform mean's; better: than the uniform mean; softmax: error against softmax; "
+                              "ms: warm median; MB: peak",
+                      caption_justify="left")
+        table.add_column("method", justify="left", no_wrap=False, min_width=16, overflow="fold")
+        for header, justify, _ in _COLUMNS:
+            table.add_column(header, justify=justify, no_wrap=True)
         for r in (r for r in rows if r["n"] == n):
-            budget = budget_label(r)
-            table.add_row(
-                r["method"], budget, r["backend"], _fmt(r["rel_fro_median"], ".2e"), _fmt(r["rel_spectral_median"], ".2e"),
-                _fmt(r["err_ratio_median"], ".3f"),
-                f"{_fmt(r['warm_ms'], '.2f')} ±{_fmt((r['warm_ms_q75'] - r['warm_ms_q25']) / 2, '.2f')}",
-                _fmt(r["compile_s"], ".2f"), _fmt(r["peak_mb"], ".1f"),
-                _fmt(r["flops"] / 1e9 if r["flops"] else None, ".3g"),
-            )
+            label = r["method"] if r["budget"] == "default" else f"{r['method']} {budget_label(r)}"
+            if not one_backend or r["method"] == "sdpa":
+                label += f" [{r['backend']}]"
+            table.add_row(escape(label), *(escape(str(cell(r))) for _, _, cell in _COLUMNS))
+        for item in (s for s in skipped if s["n"] == n and s["method"] == "sdpa"):
+            table.add_row(escape(f"sdpa [{item['backend']}]"), "softmax", "skipped", *[""] * (len(_COLUMNS) - 2))
         console.print(table)
-    from rich.markup import escape
-
-    for item in result.get("skipped", []):
+    for item in skipped:
         reasons = [line.strip() for line in item["reason"].splitlines()[1:] if line.strip()] or [item["reason"]]
         console.print(f"[yellow]skipped[/] N={item['n']} {item['method']} {escape(str(item['budget']))} "
                       f"{escape('[' + item['backend'] + ']')}: {escape(reasons[0])}")

@@ -10,6 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = sorted((ROOT / "benchmarks").glob("*/*/results.json"))
+WALLTIME = [p for p in RESULTS if json.loads(p.read_text()).get("kind") == "compare-walltime"]
+COMPARE = [p for p in RESULTS if p not in WALLTIME]
 
 
 def _publisher():
@@ -19,7 +21,7 @@ def _publisher():
     return module
 
 
-@pytest.mark.parametrize("path", RESULTS, ids=[str(p.parent.relative_to(ROOT / "benchmarks")) for p in RESULTS])
+@pytest.mark.parametrize("path", COMPARE, ids=[str(p.parent.relative_to(ROOT / "benchmarks")) for p in COMPARE])
 def test_results_record_command_device_and_versions(path):
     payload = json.loads(path.read_text())
     meta = payload["meta"]
@@ -28,6 +30,14 @@ def test_results_record_command_device_and_versions(path):
     assert payload["rows"], "no rows"
     for row in payload["rows"]:
         assert row["warm_ms"] > 0
+
+
+@pytest.mark.parametrize("path", WALLTIME, ids=[str(p.parent.relative_to(ROOT / "benchmarks")) for p in WALLTIME])
+def test_walltime_results_record_cold_and_warm_runs(path):
+    payload = json.loads(path.read_text())
+    assert payload["meta"]["command"] == "eff-attn compare" and "cpu" in payload["meta"]["environment"]
+    assert payload["cold_s"] > 0 and payload["warm_s"] and all(w > 0 for w in payload["warm_s"])
+    assert payload["cold_run"]["cells"], "no cells"
 
 
 def test_docs_tables_match_the_committed_results():

@@ -53,7 +53,7 @@ def test_markdown_table_and_json_round_trip(tmp_path):
              "params": {"state": "fit"}}]
     text = markdown_table(rows)
     lines = text.splitlines()
-    assert lines[0].startswith("| method | budget | backend | rel. error (median)")
+    assert lines[0].startswith("| method | budget | backend | rel. error vs softmax (median)")
     assert "| local | window=8 | numba | 0.300 | 0.300 | 0.5 | 1 |" in lines
     assert "| sparsefinder | state=fit | numba | 0.300 | 0.300 | 0.5 | 1 |" in lines       # a default, not a sweep
     rows[0]["rel_fro_median"] = math.nan                                  # written as null, read back as NaN

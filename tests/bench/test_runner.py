@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from eff_attn import cli
@@ -86,3 +87,111 @@ def test_default_budget_runs_a_method_that_needs_a_fitted_state():
     assert result["skipped"] == []
     (row,) = result["rows"]
     assert row["params"] == {"state": "fit"} and row["rel_fro_median"] < 2
+
+
+def test_the_default_run_is_one_budget_per_method_and_the_sweep_is_behind_a_flag():
+    assert CompareConfig().budgets == "default"
+    parser = cli.build_parser()
+    assert parser.parse_args(["compare"]).budget == "default"
+    assert parser.parse_args(["compare", "--sweep"]).budget == "all"
+    assert parser.parse_args(["compare", "--budget", "all"]).budget == "all"
+
+
+def test_each_method_is_judged_against_its_own_target():
+    config = CompareConfig(methods=["exact", "uniform", "entmax", "yoso"], backends=["numpy"], ns=[40],
+                           problem="clustered", heads=2, d=8, dtype="float64", seeds=1, repeats=1, sdpa=False)
+    result = run_compare(config)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert {m: r["target"] for m, r in rows.items()} == {"exact": "softmax", "uniform": "softmax",
+                                                         "entmax": "entmax 1.5", "yoso": "YOSO-E"}
+    entmax = rows["entmax"]                              # exact at its own job, far from softmax on clusters
+    assert entmax["target_error_median"] < 1e-10 and entmax["rel_fro_median"] > 0.05
+    assert entmax["beats_uniform"] is True
+    assert rows["uniform"]["target_ratio_median"] == pytest.approx(1.0) and rows["uniform"]["beats_uniform"] is False
+    assert rows["exact"]["beats_uniform"] is True
+    for r in rows.values():                              # softmax targets: the two errors are one number
+        if r["target"] == "softmax":
+            assert r["target_error_median"] == r["rel_fro_median"]
+
+
+def test_yoso_target_is_the_expectation_of_its_collision_kernel():
+    """The YOSO-E reference equals the spec's formula, written here independently: y = normalise((1 - acos(x)/pi)^tau v)."""
+    from eff_attn import metrics
+    from eff_attn.bench.runner import _Truth
+    from eff_attn.bench.targets import target_of
+
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 24, 8)) for _ in range(3))
+    target = target_of("yoso", {"tau": 5, "damping": 1.0, "normalize_output": True})
+    got = _Truth(q, k, v, False).output(target)                                      # (2, 24, 8)
+    qh = q / np.linalg.norm(q, axis=-1, keepdims=True)                              # (2, 24, 8)
+    kh = k / np.linalg.norm(k, axis=-1, keepdims=True)                              # (2, 24, 8)
+    p = (1 - np.arccos(np.clip(qh @ np.swapaxes(kh, -1, -2), -1, 1)) / np.pi) ** 5  # (2, 24, 24)
+    u = p @ v                                                                        # (2, 24, 8)
+    want = u / np.linalg.norm(u, axis=-1, keepdims=True)                            # (2, 24, 8)
+    assert np.max(metrics.rel_frobenius(got, want)) < 1e-12
+
+
+def test_progress_advances_by_expected_cost_and_ends_at_its_total():
+    from eff_attn import registry
+    from eff_attn.bench.runner import expected_cost
+
+    calls = []
+    config = CompareConfig(methods=["exact", "local"], backends=["numpy"], ns=[32], problem="gaussian", heads=1,
+                           d=4, seeds=1, repeats=1, sdpa=False)
+    run_compare(config, progress=lambda label, advance, total: calls.append((label, advance, total)))
+    totals = {total for _, _, total in calls}
+    assert len(totals) == 1 and sum(a for _, a, _ in calls) == pytest.approx(totals.pop())
+    big = CompareConfig(heads=8, d=64)
+    tree = registry.get_method("treeformer_tf")
+    fitted = expected_cost(tree, {"tree_init": "fit"}, 2048, big)
+    assert fitted > 2 * expected_cost(tree, {"tree_init": "pca_median"}, 2048, big)   # fitting dominates
+    exact = registry.get_method("exact")
+    assert expected_cost(exact, {}, 4096, big) > 3 * expected_cost(exact, {}, 2048, big)  # quadratic in N
+
+
+def _record_sdpa(monkeypatch):
+    torch = pytest.importorskip("torch")
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q, k, v, kwargs))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return torch, seen
+
+
+def test_sdpa_is_called_as_a_user_calls_it_4d_contiguous_on_the_fused_path(monkeypatch):
+    torch, seen = _record_sdpa(monkeypatch)
+    config = CompareConfig(methods=["uniform"], backends=["numpy"], ns=[64], problem="gaussian", heads=2, d=16,
+                           seeds=1, repeats=1)
+    result = run_compare(config)
+    assert seen
+    for q, k, v, _ in seen:
+        for t in (q, k, v):
+            assert t.shape == (1, 2, 64, 16) and t.is_contiguous() and t.dtype == torch.float32
+    user = torch.randn(1, 2, 64, 16)                                         # (B, H, N, D), as users write it
+    from torch.nn.attention import SDPBackend
+
+    chosen = torch._fused_sdp_choice(*seen[0][:3], is_causal=False)
+    assert chosen == torch._fused_sdp_choice(user, user, user, is_causal=False) == int(SDPBackend.FLASH_ATTENTION)
+    assert torch._fused_sdp_choice(user[0], user[0], user[0]) == int(SDPBackend.MATH)   # what 3-D input got
+    (sdpa,) = [r for r in result["rows"] if r["method"] == "sdpa"]
+    assert sdpa["rel_fro_median"] < 1e-5 and sdpa["backend"] == "torch-cpu"
+
+
+def test_without_torch_the_sdpa_row_is_skipped_with_its_reason(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)                          # import torch raises ImportError
+    code = cli.main(["compare", "--methods", "uniform", "--backend", "numpy", "--n", "32", "--heads", "1", "--d",
+                     "4", "--seeds", "1", "--repeats", "1", "--no-plots", "--out", str(tmp_path)])
+    assert code == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in payload["rows"]] == ["uniform"]
+    (skip,) = payload["skipped"]
+    assert skip["method"] == "sdpa" and "torch is not installed" in skip["reason"]
+    out = capsys.readouterr().out
+    assert "sdpa" in out and "skipped" in out and "torch is not installed" in out

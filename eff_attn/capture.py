@@ -140,12 +140,12 @@ class HeadRecorder:
         self._open = {"label": label, "layers": {}, "causal": False, "names": {}}
 
     def _close(self):
-        if self._open is not None:
-            if not self._open["layers"]:
-                raise ValueError(f"sample {self._open['label']!r} recorded no attention call; is the recorder "
+        current, self._open = self._open, None
+        if current is not None:
+            if not current["layers"]:
+                raise ValueError(f"sample {current['label']!r} recorded no attention call; is the recorder "
                                  "called inside the attention (see eff_attn.capture)?")
-            self.passes.append(self._open)
-        self._open = None
+            self.passes.append(current)
 
     @contextlib.contextmanager
     def sample(self, label=None):

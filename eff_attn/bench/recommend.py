@@ -338,27 +338,27 @@ def downstream_words(check: dict) -> str:
 
 
 def _short(x) -> str:
-    """At most 7 characters: 3 significant digits, an exponent only outside [0.001, 10000)."""
+    """At most 6 characters: 3 significant digits, an exponent only outside [0.01, 10000)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
-    if x == 0 or 1e-3 <= abs(x) < 1e4:
+    if x == 0 or 1e-2 <= abs(x) < 1e4:
         return f"{x:.3g}" if abs(x) < 1e3 else f"{x:.0f}"
     return f"{x:.1e}".replace("e-0", "e-").replace("e+0", "e")
 
 
-_COLUMNS = (("method", 14, "<"), ("budget", 18, "<"), ("ok", 3, ">"), ("median", 7, ">"), ("p90", 7, ">"),
-            ("ms", 7, ">"), ("x exact", 8, ">"), ("MB", 6, ">"), ("GFLOP", 8, ">"))
+_COLUMNS = (("method", 13, "<"), ("budget", 17, "<"), ("ok", 3, ">"), ("median", 7, ">"), ("p90", 7, ">"),
+            ("ms", 6, ">"), ("/exact", 6, ">"), ("MB", 6, ">"), ("GFLOP", 7, ">"))
 
 
 def table_lines(result: dict) -> list[str]:
-    """The per-method table as fixed-width lines (78 characters)."""
+    """The per-method table as fixed-width lines (80 characters)."""
     decision = result["decision"]
     exact_ms = decision["exact"]["warm_ms"]
 
     def line(cells):
-        return "".join(f"{str(c):{align}{width}}" for c, (_, width, align) in zip(cells, _COLUMNS)).rstrip()
+        return " ".join(f"{str(c):{align}{width}}" for c, (_, width, align) in zip(cells, _COLUMNS)).rstrip()
 
-    lines = [line(c[0] for c in _COLUMNS), "-" * sum(c[1] for c in _COLUMNS)]
+    lines = [line(c[0] for c in _COLUMNS), "-" * (sum(c[1] for c in _COLUMNS) + len(_COLUMNS) - 1)]
     for name, row in decision["per_method"].items():
         shown = row or decision["closest"][name]
         lines.append(line([name + (" *" if name in YARDSTICKS else ""), budget_label(shown),
@@ -404,7 +404,7 @@ def plot(result: dict, path) -> Path:
     colours = plt.get_cmap("tab20").colors
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, name in enumerate(names):
-        items = sorted((r for r in rows if r["method"] == name), key=lambda r: r["warm_ms"])
+        items = [r for r in rows if r["method"] == name]                    # in sweep order
         t = [r["warm_ms"] for r in items]
         p90 = [max(r["rel_fro_p90"], 1e-8) for r in items]
         med = [max(r["rel_fro_median"], 1e-8) for r in items]

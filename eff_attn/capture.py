@@ -318,7 +318,8 @@ def validate_heads(data) -> list[int]:
     return lengths
 
 
-def load_heads(path, n: int | None = None, *, max_heads: int | None = None, sample: int | None = None):
+def load_heads(path, n: int | None = None, *, max_heads: int | None = None, sample: int | None = None,
+               name: str = "the heads"):
     """Read a heads file: q, k, v of shape (heads, n, D) in float64, and its metadata.
 
     Parameters
@@ -332,6 +333,8 @@ def load_heads(path, n: int | None = None, *, max_heads: int | None = None, samp
         Keep the first ``max_heads`` of the (sample, head) rows.
     sample : int, optional
         Keep one sample only.
+    name : str, default="the heads"
+        What the file holds, for error messages.
 
     Returns
     -------
@@ -344,7 +347,7 @@ def load_heads(path, n: int | None = None, *, max_heads: int | None = None, samp
         lengths = validate_heads(data)
         n = lengths[-1] if n is None else n
         if not 1 <= n <= lengths[-1]:
-            raise ValueError(f"the heads come at lengths {lengths} or crops of them, 1 <= n <= {lengths[-1]}; "
+            raise ValueError(f"{name} come at lengths {lengths} or crops of them, 1 <= n <= {lengths[-1]}; "
                              f"not n={n}")
         source = min(length for length in lengths if length >= n)
         q, k, v = (data[f"{name}_{source}"][:, :, :n].astype(np.float64) for name in "qkv")  # (S, heads, n, D)

@@ -124,7 +124,7 @@ def real_heads(n: int = 128, max_heads: int | None = None, text: int | None = No
             f"{REAL_HEADS_FILE} is not installed with the package; regenerate it with scripts/extract_real_heads.py"
         )
     with path.open("rb") as fh:
-        q, k, v, meta = load_heads(fh, n, max_heads=max_heads, sample=text)
+        q, k, v, meta = load_heads(fh, n, max_heads=max_heads, sample=text, name="real heads")
     return AttentionProblem("real", q, k, v, f"{meta['model']} heads", meta)
 
 

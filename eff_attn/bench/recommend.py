@@ -434,15 +434,16 @@ def plot(result: dict, path) -> Path:
 
 def write_outputs(result: dict, out_dir, *, command=None, plots=True) -> list[Path]:
     """``recommendation.json`` (and ``recommendation.png``) in ``out_dir``."""
+    import json
+
     from .report import _jsonable
     from .runner import environment
-
-    import json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {**result, "meta": {"environment": environment(), "command": command}}
-    path = out_dir / ("recommendation.json" if result.get("suffix") is None else f"recommendation-{result['suffix']}.json")
+    suffix = "" if result.get("suffix") is None else f"-{result['suffix']}"
+    path = out_dir / f"recommendation{suffix}.json"
     path.write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
     paths = [path]
     if plots:
@@ -456,8 +457,8 @@ def write_outputs(result: dict, out_dir, *, command=None, plots=True) -> list[Pa
 def run_from_cli(args) -> int:
     """``eff-attn compare ... --target T [--model module:factory]`` (called from :mod:`eff_attn.cli`)."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from ..cli import build_parser
     from .problems import is_heads_file, make_problem

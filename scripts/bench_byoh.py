@@ -13,7 +13,7 @@ cosine similarity of the two 512-token sentence embeddings of
 method swapped into the model (the PyTorch MiniLM of
 ``examples/numpy_transformer.py``) through ``eff_attn.torch``.
 
-Writes ``benchmarks/cpu/byoh/results.json`` and the table between the
+Writes ``benchmarks/cpu/byoh/recommendation.json`` and the table between the
 ``BEGIN byoh`` markers of ``docs/tutorials/choose-for-your-model.md``
 (``--docs`` rewrites the table from the committed JSON alone). Needs the
 model files::
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "cpu" / "byoh" / "results.json"
+OUT = ROOT / "benchmarks" / "cpu" / "byoh" / "recommendation.json"  # not results.json: not a compare table
 HEADS = ROOT / "eff_attn" / "bench" / "data" / "real_heads.npz"
 PAGE = ROOT / "docs" / "tutorials" / "choose-for-your-model.md"
 TARGETS = (0.05, 0.1, 0.2)

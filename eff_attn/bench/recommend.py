@@ -53,7 +53,7 @@ YARDSTICKS = {"uniform": "the mean of the values", "topk_oracle": "an oracle tha
               "sdpa": "exact attention in torch"}
 
 #: Relative cost of one sweep cell per method on a warm cache (fits, clustering and many hash rounds cost more);
-#: the progress bar's ETA weighs cells by it. Measured on the MiniLM heads at n=512 (benchmarks/cpu/byoh).
+#: the progress bar's ETA weighs cells by it. Measured on the MiniLM heads at n=512 (benchmarks/cpu/byoh/recommendation.json).
 CELL_COST = {"treeformer_tf": 8.0, "treeformer_tc": 8.0, "sparsefinder": 6.0, "routing": 3.0, "entmax": 2.0,
              "kdeformer": 2.0, "reformer": 2.0, "yoso": 2.0}
 

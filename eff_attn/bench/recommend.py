@@ -52,10 +52,11 @@ __all__ = ["sweep", "choose", "recommend", "downstream_change", "load_model_spec
 YARDSTICKS = {"uniform": "the mean of the values", "topk_oracle": "an oracle that reads the exact scores",
               "sdpa": "exact attention in torch"}
 
-#: Relative cost of one sweep cell per method on a warm cache (fits, clustering and many hash rounds cost more);
-#: the progress bar's ETA weighs cells by it. Measured on the MiniLM heads at n=512 (benchmarks/cpu/byoh/recommendation.json).
-CELL_COST = {"treeformer_tf": 8.0, "treeformer_tc": 8.0, "sparsefinder": 6.0, "routing": 3.0, "entmax": 2.0,
-             "kdeformer": 2.0, "reformer": 2.0, "yoso": 2.0}
+#: Relative wall time of one sweep cell per method (1 = a ``local`` cell), for the progress bar's ETA: rough
+#: figures from one run on the MiniLM heads at n = 512 on a shared 2-core CPU, where fitting the
+#: Treeformer trees and the Sparsefinder state dominates the whole sweep.
+CELL_COST = {"treeformer_tf": 100.0, "treeformer_tc": 100.0, "sparsefinder": 40.0, "routing": 3.0, "yoso": 2.5,
+             "reformer": 2.5, "performer": 2.0, "entmax": 2.0, "kdeformer": 1.5, "nystrom": 1.5}
 
 _ERRORS = ("rel_fro", "err_ratio")
 

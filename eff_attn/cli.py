@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--backend", type=_csv(str), default=["auto"],
                          help="auto, all, or a comma-separated list of numpy,numba,cupy (default: auto)")
     compare.add_argument("--n", type=_csv(int), default=[2048], help="sequence lengths, e.g. 1024,4096 (default: 2048)")
-    compare.add_argument("--problem", choices=["clustered", "gaussian", "peaked", "real"], default="clustered",
-                         help="input regime (default: clustered)")
+    compare.add_argument("--problem", default="clustered",
+                         help="input regime: clustered, gaussian, peaked or real (default: clustered); "
+                              "or a heads file (.npz) written by eff_attn.capture")
     compare.add_argument("--heads", type=int, default=8, help="heads (default: 8)")
     compare.add_argument("--d", type=int, default=64, help="head dimension D (default: 64; real heads have D=32)")
     compare.add_argument("--dtype", choices=["float32", "float64"], default="float32",
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-sdpa", action="store_true", help="do not time torch SDPA as the anchor")
     compare.add_argument("--out", type=Path, default=Path("compare-out"), help="output folder (default: compare-out)")
     compare.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    compare.add_argument("--target", type=float, default=None,
+                         help="recommend the fastest method whose p90 error over the heads meets this target "
+                              "(runs every budget sweep; see eff_attn.bench.recommend)")
+    compare.add_argument("--model", default=None,
+                         help="with --target, torch: module:factory returning (model, inputs); checks the "
+                              "recommended method's effect on the model's outputs")
 
     sub.add_parser("backends", help="which backends can run here, and why not")
     sub.add_parser("methods", help="the registered methods and their budget parameter")
@@ -86,6 +93,10 @@ def _compare(args) -> int:
     from .bench import plots, report
     from .bench.runner import CompareConfig, check_backends, run_compare
 
+    if args.target is not None or args.model is not None:
+        from .bench.recommend import run_from_cli
+
+        return run_from_cli(args)
     console = Console()
     methods = args.methods or registry.method_names()
     for name in methods:

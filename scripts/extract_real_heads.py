@@ -15,6 +15,9 @@ How
    enough that no sample is padded: every token is real.
 2. Each (text, n) sample is a separate forward pass of the NumPy encoder of
    ``examples/numpy_transformer.py`` in float32 with exact attention.
+   Every head of every layer is recorded by an
+   :class:`eff_attn.capture.HeadRecorder` called inside the attention, the
+   package's recipe for capturing the heads of any model.
 3. Heads are subsampled to keep the file small: for each layer, the head
    whose exact attention rows have the lowest mean entropy (the most peaked)
    and the head of median mean entropy (the upper median of 12), entropy
@@ -22,18 +25,12 @@ How
    stored in ``layers_heads``, sorted by layer then head.
 4. Arrays are stored in float16 with ``numpy.savez_compressed``.
 
-File format (``real_heads.npz``)
---------------------------------
-``q_<n>``, ``k_<n>``, ``v_<n>``
-    float16, shape (texts, len(layers_heads), n, 32), for n in ``lengths``.
-``lengths``
-    int64, the sequence lengths (128, 256, 512).
-``model``
-    str, the model name.
-``layers_heads``
-    int64, shape (heads, 2): the (layer, head) of each stored head, 0-based.
-``texts``
-    str, shape (texts,): the title of each source text.
+File format
+-----------
+The heads file format of :mod:`eff_attn.capture` (documented there): ``q_<n>``,
+``k_<n>``, ``v_<n>`` in float16 of shape (texts, 12, n, 32) for n in
+``lengths``, ``layers_heads`` (the kept (layer, head) pairs), ``model`` and
+``texts`` (the title of each source text).
 
 Regenerate
 ----------
@@ -60,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import eff_attn  # noqa: E402
+from eff_attn.capture import HeadRecorder  # noqa: E402
 from eff_attn.metrics import row_entropy  # noqa: E402
 from minilm import CONFIG, MODEL_NAME, tokenize  # noqa: E402
 from numpy_transformer import encode  # noqa: E402
@@ -156,19 +154,18 @@ must throw in a good word for my little Lizzy.\"""",
 }
 
 
-def record_heads(text: str, n: int) -> np.ndarray:
-    """q, k, v of every head for the first ``n`` tokens of ``text``: shape (3, layers, heads, n, 32), float32."""
-    batch = tokenize([text], max_length=n)
+def record_heads(recorder: HeadRecorder, title: str, n: int) -> None:
+    """Run the encoder over the first ``n`` tokens of ``TEXTS[title]``, recording every head as sample ``title``."""
+    batch = tokenize([TEXTS[title]], max_length=n)
     if batch.lengths[0] != n:
         raise ValueError(f"text is only {batch.lengths[0]} tokens long, fewer than n={n}")
-    heads = np.empty((3, CONFIG.layers, CONFIG.heads, n, CONFIG.head_dim), dtype=np.float32)
 
     def attend(q, k, v, mask, layer):                # q, k, v: (1, H, n, Dh)
-        heads[:, layer] = q[0], k[0], v[0]
+        recorder(q, k, v, layer=layer)
         return eff_attn.attention(q, k, v, method="exact", backend="numpy", mask=mask)
 
-    encode(batch.ids, batch.mask, attend, dtype="float32")
-    return heads
+    with recorder.sample(title):
+        encode(batch.ids, batch.mask, attend, dtype="float32")
 
 
 def mean_row_entropy(q, k) -> np.ndarray:
@@ -177,10 +174,11 @@ def mean_row_entropy(q, k) -> np.ndarray:
     return row_entropy(softmax(scores, axis=-1)).mean(-1)
 
 
-def select_heads(samples: dict) -> np.ndarray:
+def select_heads(recorder: HeadRecorder) -> np.ndarray:
     """Per layer, the most peaked head and the head of median entropy, as sorted (layer, head) pairs."""
-    entropy = np.mean([mean_row_entropy(s[0], s[1]) for s in samples.values()], axis=0)  # (layers, heads)
-    order = np.argsort(entropy, axis=-1, kind="stable")                                     # low to high
+    entropy = np.concatenate([mean_row_entropy(qkv[0], qkv[1]) for _, qkv in recorder.arrays().values()])
+    entropy = entropy.mean(0)                                                  # (layers, heads)
+    order = np.argsort(entropy, axis=-1, kind="stable")                        # low to high
     picks = {(layer, int(order[layer, i])) for layer in range(CONFIG.layers) for i in (0, CONFIG.heads // 2)}
     return np.array(sorted(picks), dtype=np.int64)
 
@@ -190,19 +188,13 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
 
-    titles = list(TEXTS)
-    samples = {(t, n): record_heads(TEXTS[t], n) for t in titles for n in LENGTHS}
-    layers_heads = select_heads(samples)
-    arrays = {}
-    for n in LENGTHS:
-        stacked = np.stack([samples[t, n] for t in titles], axis=1)           # (3, texts, layers, heads, n, Dh)
-        kept = stacked[:, :, layers_heads[:, 0], layers_heads[:, 1]]           # (3, texts, kept, n, Dh)
-        for name, a in zip("qkv", kept):
-            arrays[f"{name}_{n}"] = a.astype(np.float16)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, **arrays, lengths=np.array(LENGTHS, dtype=np.int64), model=np.array(MODEL_NAME),
-                        layers_heads=layers_heads, texts=np.array(titles))
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB): {len(titles)} texts, lengths {LENGTHS}, "
+    recorder = HeadRecorder(model=MODEL_NAME)
+    for title in TEXTS:
+        for n in LENGTHS:
+            record_heads(recorder, title, n)
+    layers_heads = select_heads(recorder)
+    recorder.save(args.out, keep=layers_heads, dtype="float16")
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB): {len(TEXTS)} texts, lengths {LENGTHS}, "
           f"(layer, head) = {layers_heads.tolist()}")
 
 

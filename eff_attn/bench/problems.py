@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AttentionProblem", "gaussian", "clustered", "peaked", "real_heads", "make_problem", "REGIMES"]
+__all__ = ["AttentionProblem", "gaussian", "clustered", "peaked", "real_heads", "heads_file", "is_heads_file",
+           "make_problem", "REGIMES"]
 
 
 @dataclass(frozen=True)
@@ -114,24 +116,35 @@ def real_heads(n: int = 128, max_heads: int | None = None, text: int | None = No
     -------
     AttentionProblem with arrays of shape (heads, n, 32), float64.
     """
+    from ..capture import load_heads
+
     path = resources.files("eff_attn.bench").joinpath("data", REAL_HEADS_FILE)
     if not path.is_file():
         raise FileNotFoundError(
             f"{REAL_HEADS_FILE} is not installed with the package; regenerate it with scripts/extract_real_heads.py"
         )
-    with path.open("rb") as fh, np.load(fh) as data:
-        lengths = sorted(int(x) for x in data["lengths"])
-        if not 1 <= n <= lengths[-1]:
-            raise ValueError(f"real heads come at lengths {lengths} or crops of them, 1 <= n <= {lengths[-1]}; not n={n}")
-        source = min(length for length in lengths if length >= n)
-        q, k, v = (data[f"{name}_{source}"][:, :, :n].astype(np.float64) for name in "qkv")  # (texts, heads, n, Dh)
-        meta = {"model": str(data["model"]), "layers_heads": data["layers_heads"].tolist(), "source_length": source}
-    if text is not None:
-        q, k, v = q[text : text + 1], k[text : text + 1], v[text : text + 1]
-    q, k, v = (a.reshape(-1, *a.shape[-2:]) for a in (q, k, v))
-    if max_heads is not None:
-        q, k, v = q[:max_heads], k[:max_heads], v[:max_heads]
+    with path.open("rb") as fh:
+        q, k, v, meta = load_heads(fh, n, max_heads=max_heads, sample=text, name="real heads")
     return AttentionProblem("real", q, k, v, f"{meta['model']} heads", meta)
+
+
+def heads_file(path, n: int | None = None, max_heads: int | None = None) -> AttentionProblem:
+    """The heads of a file written by :mod:`eff_attn.capture` (same format as :func:`real_heads`).
+
+    ``n`` defaults to the longest stored length; a shorter one is a crop.
+    """
+    from ..capture import load_heads
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"problem={str(path)!r} is neither a regime ({', '.join(REGIMES)}) nor an existing file")
+    q, k, v, meta = load_heads(path, n, max_heads=max_heads)
+    return AttentionProblem(path.name, q, k, v, f"{meta['model']} heads from {path.name}", meta)
+
+
+def is_heads_file(name: str) -> bool:
+    """Whether a ``--problem`` value names a heads file rather than a regime."""
+    return name not in REGIMES and (str(name).endswith(".npz") or Path(name).is_file())
 
 
 REGIMES = {"gaussian": gaussian, "clustered": clustered, "peaked": peaked, "real": real_heads}
@@ -141,8 +154,11 @@ def make_problem(name: str, n: int, d: int = 64, heads: int = 8, seed: int = 0) 
     """Build a regime by name: gaussian, clustered, peaked or real.
 
     ``real`` is ``real_heads(n, max_heads=heads)``: its heads have size 32
-    and no randomness, so ``d`` and ``seed`` do not apply to it.
+    and no randomness, so ``d`` and ``seed`` do not apply to it. A path to a
+    heads file (:mod:`eff_attn.capture`) is ``heads_file(name, n, heads)``.
     """
+    if is_heads_file(name):
+        return heads_file(name, n, max_heads=heads)
     if name not in REGIMES:
         raise ValueError(f"problem={name!r} is not one of {', '.join(REGIMES)}")
     if name == "real":

@@ -51,28 +51,6 @@ SIZE_PARAM = {"performer": "num_features", "reformer": "num_hashes", "yoso": "nu
               "kdeformer": "num_samples", "routing": "num_clusters", "treeformer_tf": "height",
               "treeformer_tc": "height", "nystrom": "num_landmarks"}
 
-#: (kind, method, backend) cases whose fix is on another branch of issue 18: NaN propagation
-#: in the Numba exact, local and routing kernels (a NaN score is dropped by the row maximum and
-#: the row becomes 0), and Sparsefinder's fit on a fully masked slice or on fewer points than
-#: its default 16 clusters. They are left out of the parametrisation until those branches
-#: merge; then empty this set: every case must pass. ``python -m tests.test_battery`` runs them.
-PENDING_OTHER_FIXES = frozenset({
-    ("nan_q_propagates", "exact", "numba"),
-    ("nan_q_propagates", "local", "numba"),
-    ("nan_q_propagates", "routing", "numba"),
-    ("nan_q_propagates", "sparsefinder", "numpy"),
-    ("slice_fully_masked", "sparsefinder", "numpy"),
-    ("four_points", "sparsefinder", "numpy"),
-    ("one_token", "sparsefinder", "numpy"),
-    ("mask_some", "sparsefinder", "numpy"),
-    ("mask_one_key", "sparsefinder", "numpy"),
-    ("mask_none_kept", "sparsefinder", "numpy"),
-    ("mask_per_head", "sparsefinder", "numpy"),
-    ("causal_top_left", "sparsefinder", "numpy"),
-    ("causal_bottom_right", "sparsefinder", "numpy"),
-})
-
-
 # --- expectations ------------------------------------------------------------------------
 
 
@@ -599,7 +577,6 @@ def cases(backend):
     return [
         pytest.param(kind.name, method, id=f"{kind.name}-{method}")
         for kind in KINDS for method in methods
-        if (kind.name, method, backend) not in PENDING_OTHER_FIXES
     ]
 
 
@@ -626,7 +603,7 @@ def test_battery_is_large_enough():
 
 
 def summarize():
-    """Run every case (the pending ones included) and count the outcomes."""
+    """Run every case and count the outcomes."""
     counts = dict(kinds=len(KINDS), runs=0, passed=0, crashes=0, silent_nan=0, disagreements=0, other_failures=0)
     failures = []
     for backend in ("numpy", "numba"):

@@ -101,6 +101,8 @@ def _top_windows_kernel(R, dropped, keep_dropped, w, out):
     (``np.partition``); a scan in position order then takes every entry
     below ``tau`` and the first ``w - #{below}`` entries equal to it, which
     is exactly the top ``w`` of the ``(-R, position)`` order, already ascending.
+    NaN scores rank after every number (as in the reference's sort): they
+    enter a window only when fewer than ``w`` numbers exist, first by position.
     """
     G, N, C = R.shape
     has_drop = dropped.shape[0] > 0
@@ -112,16 +114,26 @@ def _top_windows_kernel(R, dropped, keep_dropped, w, out):
             neg[i] = -R[g, i, c]
             if has_drop and dropped[g, i]:
                 neg[i] = np.inf
-        tau = np.partition(neg.copy(), w - 1)[w - 1]
-        ties = w
-        for i in range(N):
-            if neg[i] < tau:
-                ties -= 1
+        numbers = neg[~np.isnan(neg)]                                      # NaN ranks last, as in a sort
+        nan_left = max(0, w - numbers.size)                               # NaN entries the window takes
+        if nan_left == 0:
+            tau = np.partition(numbers, w - 1)[w - 1]
+            ties = w
+            for i in range(N):
+                if neg[i] < tau:
+                    ties -= 1
+        else:                                                              # every number fits in the window
+            tau = np.inf
+            ties = N
         n = 0
         for i in range(N):
-            take = neg[i] < tau or (neg[i] == tau and ties > 0)
-            if take and neg[i] == tau:
-                ties -= 1
+            if np.isnan(neg[i]):
+                take = nan_left > 0
+                nan_left -= 1
+            else:
+                take = neg[i] < tau or (neg[i] == tau and ties > 0)
+                if take and neg[i] == tau:
+                    ties -= 1
             if take and not (has_drop and not keep_dropped and dropped[g, i]):
                 out[g, c, n] = i
                 n += 1

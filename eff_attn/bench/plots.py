@@ -97,8 +97,14 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     floor = 1e-8
     paths = []
 
-    def save(fig, ax, name, **axes):
+    def save(fig, ax, name, xticks=None, **axes):
         ax.set(xscale="log", yscale="log", **axes)
+        if xticks is not None:                                             # one label per measured N, no overlap
+            from matplotlib.ticker import NullLocator
+
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xticks, [str(n) for n in xticks])
+            ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
@@ -126,7 +132,7 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
             ax.plot([r["n"] for r in items], [r["warm_ms"] for r in items], label=f"{method} [{backend}]",
                     **method_style(method))
         save(fig, ax, "time_vs_n.png", xlabel="sequence length N", ylabel="warm time (ms, median)",
-             title="Time vs N")
+             title="Time vs N", xticks=sorted({r["n"] for r in rows}))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, backend), items in sorted(_series(at_max, lambda r: (r["method"], r["backend"])).items()):

@@ -63,7 +63,8 @@ RAGGED_THREADS = 32
 
 
 def _ordered_bits32(x, xp):
-    """uint64 holding bits of float32 ``x`` whose unsigned order is the float order."""
+    """uint64 holding bits of float32 ``x`` whose unsigned order is the float order, NaN (either sign) last."""
+    x = xp.where(xp.isnan(x), xp.abs(x), x)                                 # clear NaN's sign bit: after +inf
     u = xp.ascontiguousarray(x).view(xp.uint32).astype(xp.uint64)
     negative = (u >> np.uint64(31)) == np.uint64(1)
     return xp.where(negative, (~u) & np.uint64(0xFFFFFFFF), u | np.uint64(0x80000000))

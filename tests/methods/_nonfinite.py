@@ -12,7 +12,6 @@ import contextlib
 import warnings
 
 import numpy as np
-import pytest
 
 from eff_attn.testing import assert_close, to_host
 from tests._oracles import dense_attention
@@ -33,9 +32,7 @@ def _expected_fp_warnings():
 
 
 def _run(case, *args, **kw):
-    """``case.run(...)`` on the host; the CuPy path is not fixed yet (issue 18, defect 2 covers Numba)."""
-    if case.BACKEND == "cupy":
-        pytest.xfail("the CuPy path still turns non-finite scores into 0")
+    """``case.run(...)`` on the host."""
     with _expected_fp_warnings():
         return to_host(case.run(*args, **kw))
 

@@ -651,6 +651,21 @@ class TestRoutingCupyEmulated(TestRoutingNumba):
     EMULATED = True
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cupy_windows_rank_nan_of_either_sign_after_every_number(dtype):
+    """The CuPy window ranking (run with xp = numpy) puts NaN last whatever its sign bit, as the reference's sort."""
+    from eff_attn.methods.routing.cupy import _top_windows
+
+    neg_nan = np.array([0xFFC00000], np.uint32).view(np.float32)[0]        # NaN with the sign bit set
+    R = np.array([1.0, neg_nan, 2.0, np.nan, -1.0, 0.5], dtype=dtype)[None, :, None]   # (1, 6, 1)
+    assert np.isnan(R[0, 1, 0]) and np.isnan(R[0, 3, 0])
+    with np.errstate(invalid="ignore"):
+        four = _top_windows(R, 4, None, True, np)                           # 2, 1, 0.5, -1
+        five = _top_windows(R, 5, None, True, np)                           # then the first NaN
+    assert four.tolist() == [[[0, 2, 4, 5]]]
+    assert five.tolist() == [[[0, 1, 2, 4, 5]]]
+
+
 # --- k-means on the sphere (host NumPy, shared by every backend) -------------------------
 
 

@@ -35,9 +35,9 @@ import numpy as np
 from numba import cuda, float64
 
 from ..._cuda import launch_rows, simulated, to_xp, xp_of
+from ..._cuda_device import MAX_THREADS, block_reduce
 from ...masks import visible_counts, visible_pairs
 from ..exact import GPU_TILE_BYTES
-from ..exact.cupy import _MAX_THREADS, _block_reduce
 from .reference import entmax_attention_backward, entmax_probabilities, entmax_rows_alpha_grad, entmax_rows_vjp
 
 __all__ = ["row_threshold_kernel", "run_row_threshold", "rows_forward", "rows_backward", "rows_alpha_grad",
@@ -67,7 +67,7 @@ def row_threshold_kernel(vals, starts, lengths, alpha, rows_per_alpha, use_sort,
     ``p = exp(z - z_max - tau_shifted)``), the unshifted ``tau``, ``norm`` and
     the support size. Rows with nothing visible become 0 with ``tau = +inf``.
     """
-    buf = cuda.shared.array(_MAX_THREADS, float64)
+    buf = cuda.shared.array(MAX_THREADS, float64)
     row = cuda.blockIdx.x
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
     s0 = starts[row]
@@ -80,8 +80,8 @@ def row_threshold_kernel(vals, starts, lengths, alpha, rows_per_alpha, use_sort,
         if z > -math.inf:
             local_max = max(local_max, z)
             local_n += 1.0
-    z_max = _block_reduce(buf, local_max, True)
-    n_vis = _block_reduce(buf, local_n, False)
+    z_max = block_reduce(buf, local_max, True)
+    n_vis = block_reduce(buf, local_n, False)
     if n_vis == 0.0:
         for c in range(tid, length, nt):
             vals[s0 + c] = 0
@@ -99,7 +99,7 @@ def row_threshold_kernel(vals, starts, lengths, alpha, rows_per_alpha, use_sort,
             e = math.exp(z - z_max) if z > -math.inf else 0.0
             vals[s0 + c] = e
             local += e
-        total = _block_reduce(buf, local, False)
+        total = block_reduce(buf, local, False)
         for c in range(tid, length, nt):
             vals[s0 + c] = vals[s0 + c] / total
         if tid == 0:
@@ -120,7 +120,7 @@ def row_threshold_kernel(vals, starts, lengths, alpha, rows_per_alpha, use_sort,
             d = a1 * (float64(vals[s0 + c]) - z_max) - m
             if d > 0:
                 local += _power(d, a, beta)
-        if _block_reduce(buf, local, False) >= 1.0:
+        if block_reduce(buf, local, False) >= 1.0:
             lo = m
         else:
             hi = m
@@ -135,9 +135,9 @@ def row_threshold_kernel(vals, starts, lengths, alpha, rows_per_alpha, use_sort,
                 s1 += x
                 s2 += x * x
                 cnt += 1.0
-        s1 = _block_reduce(buf, s1, False)
-        s2 = _block_reduce(buf, s2, False)
-        cnt = _block_reduce(buf, cnt, False)
+        s1 = block_reduce(buf, s1, False)
+        s2 = block_reduce(buf, s2, False)
+        cnt = block_reduce(buf, cnt, False)
         if a == 2.0:
             tau = (s1 - 1.0) / cnt
         else:
@@ -151,8 +151,8 @@ def row_threshold_kernel(vals, starts, lengths, alpha, rows_per_alpha, use_sort,
         vals[s0 + c] = w
         local += w
         local_support += 1.0 if d > 0 else 0.0
-    total = _block_reduce(buf, local, False)
-    support = _block_reduce(buf, local_support, False)
+    total = block_reduce(buf, local, False)
+    support = block_reduce(buf, local_support, False)
     norm = total if (ensure_sum_one and not use_sort and total > 0) else 1.0
     if norm != 1.0:
         for c in range(tid, length, nt):

@@ -36,33 +36,10 @@ import numpy as np
 from numba import cuda, float64
 
 from ..._cuda import launch_rows, xp_of
+from ..._cuda_device import MAX_THREADS, block_reduce, exp_shift, nan_max
 from . import gpu_block_k
 
 __all__ = ["forward", "backward"]
-
-#: Shared-memory slots for the per-row reductions (the largest block size used).
-_MAX_THREADS = 128
-
-
-@cuda.jit(device=True)
-def _block_reduce(buf, value, is_max):
-    """Max or sum of ``value`` over the thread block, via shared ``buf``."""
-    tid = cuda.threadIdx.x
-    buf[tid] = value
-    cuda.syncthreads()
-    width = cuda.blockDim.x // 2
-    while width > 0:
-        if tid < width:
-            if is_max:
-                buf[tid] = max(buf[tid], buf[tid + width])
-            else:
-                buf[tid] += buf[tid + width]
-        cuda.syncthreads()
-        width //= 2
-    result = buf[0]
-    cuda.syncthreads()
-    return result
-
 
 @cuda.jit(device=True)
 def _visible(keep, g, i, j, has_mask, causal, offset):
@@ -78,9 +55,11 @@ def _online_softmax_tile(s, keep, has_mask, causal, offset, j0, mu, ell, alpha):
     Block ``b`` owns row ``(g, i) = divmod(b, Bq)``. Afterwards
     ``s[g, i, c] = exp(S - mu_new)`` (0 if invisible), ``alpha = exp(mu_old - mu_new)``,
     ``l <- alpha l + sum_c s``, ``mu <- mu_new``. A row with nothing visible yet
-    keeps ``mu = -inf``, gets ``s = 0`` and ``alpha = 1``.
+    keeps ``mu = -inf``, gets ``s = 0`` and ``alpha = 1``. Non-finite scores as
+    :mod:`eff_attn._cuda_device`: a NaN score makes ``mu``, ``l`` and the row NaN;
+    a ``+inf`` max gives weight 1 to each ``+inf`` key and 0 to the others.
     """
-    buf = cuda.shared.array(_MAX_THREADS, float64)
+    buf = cuda.shared.array(MAX_THREADS, float64)
     _, Bq, Bk = s.shape
     g = cuda.blockIdx.x // Bq
     i = cuda.blockIdx.x % Bq
@@ -88,12 +67,12 @@ def _online_softmax_tile(s, keep, has_mask, causal, offset, j0, mu, ell, alpha):
     local = -math.inf
     for c in range(tid, Bk, nt):
         if _visible(keep, g, i, j0 + c, has_mask, causal, offset):
-            local = max(local, s[g, i, c])
+            local = nan_max(local, s[g, i, c])
         else:
             s[g, i, c] = -math.inf
-    row_max = _block_reduce(buf, local, True)
+    row_max = block_reduce(buf, local, True)
     mu_old = mu[g, i]
-    mu_new = max(mu_old, row_max)
+    mu_new = nan_max(mu_old, row_max)
     if mu_new == -math.inf:
         for c in range(tid, Bk, nt):
             s[g, i, c] = 0
@@ -102,12 +81,12 @@ def _online_softmax_tile(s, keep, has_mask, causal, offset, j0, mu, ell, alpha):
         return
     local = 0.0
     for c in range(tid, Bk, nt):
-        p = math.exp(s[g, i, c] - mu_new)
+        p = exp_shift(s[g, i, c], mu_new)
         s[g, i, c] = p
         local += p
-    total = _block_reduce(buf, local, False)
+    total = block_reduce(buf, local, False)
     if tid == 0:
-        a = math.exp(mu_old - mu_new)
+        a = exp_shift(mu_old, mu_new)
         alpha[g, i] = a
         ell[g, i] = a * ell[g, i] + total
         mu[g, i] = mu_new

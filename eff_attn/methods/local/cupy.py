@@ -29,7 +29,7 @@ import math
 from numba import cuda, float64
 
 from ..._cuda import launch_rows, xp_of
-from ..exact.cupy import _MAX_THREADS, _block_reduce
+from ..._cuda_device import MAX_THREADS, block_reduce, exp_shift, nan_max
 from . import DEFAULT_CHUNK, band_result
 from . import reference
 
@@ -51,9 +51,11 @@ def _band_softmax(s, keep, has_mask, start, span, Nq, Nk, lse):
 
     Block ``b`` owns row ``(g, u, r)``, query ``i = u c + r``; slot ``t`` is key
     ``start + u c + t``. Off-band slots become 0. Rows with an empty band, and
-    the padding rows ``i >= Nq``, become 0 with ``lse = -inf``.
+    the padding rows ``i >= Nq``, become 0 with ``lse = -inf``. A NaN score makes
+    the row NaN; a ``+inf`` max spreads the row over its ``+inf`` keys
+    (:mod:`eff_attn._cuda_device`).
     """
-    buf = cuda.shared.array(_MAX_THREADS, float64)
+    buf = cuda.shared.array(MAX_THREADS, float64)
     _, n_ch, c, W = s.shape
     g = cuda.blockIdx.x // (n_ch * c)
     u = (cuda.blockIdx.x // c) % n_ch
@@ -64,10 +66,10 @@ def _band_softmax(s, keep, has_mask, start, span, Nq, Nk, lse):
     local = -math.inf
     for t in range(tid, W, nt):
         if real_row and _in_band(keep, has_mask, g, j0 + t, t, r, span, Nk):
-            local = max(local, s[g, u, r, t])
+            local = nan_max(local, s[g, u, r, t])
         else:
             s[g, u, r, t] = -math.inf
-    mu = _block_reduce(buf, local, True)
+    mu = block_reduce(buf, local, True)
     if mu == -math.inf:
         for t in range(tid, W, nt):
             s[g, u, r, t] = 0
@@ -76,10 +78,10 @@ def _band_softmax(s, keep, has_mask, start, span, Nq, Nk, lse):
         return
     local = 0.0
     for t in range(tid, W, nt):
-        p = math.exp(s[g, u, r, t] - mu)
+        p = exp_shift(s[g, u, r, t], mu)
         s[g, u, r, t] = p
         local += p
-    total = _block_reduce(buf, local, False)
+    total = block_reduce(buf, local, False)
     for t in range(tid, W, nt):
         s[g, u, r, t] /= total
     if tid == 0:

@@ -37,6 +37,7 @@ import numpy as np
 from numba import cuda, float64, int64
 
 from ..._cuda import launch_rows, threads_per_block, to_xp, xp_of
+from ..._cuda_device import exp_shift, nan_max
 from . import finish_res
 from .plan import (
     argmax_plan,
@@ -62,7 +63,8 @@ RAGGED_THREADS = 32
 
 
 def _ordered_bits32(x, xp):
-    """uint64 holding bits of float32 ``x`` whose unsigned order is the float order."""
+    """uint64 holding bits of float32 ``x`` whose unsigned order is the float order, NaN (either sign) last."""
+    x = xp.where(xp.isnan(x), xp.abs(x), x)                                 # clear NaN's sign bit: after +inf
     u = xp.ascontiguousarray(x).view(xp.uint32).astype(xp.uint64)
     negative = (u >> np.uint64(31)) == np.uint64(1)
     return xp.where(negative, (~u) & np.uint64(0xFFFFFFFF), u | np.uint64(0x80000000))
@@ -161,6 +163,8 @@ def _ragged_forward(q, k, v, qrow, qperm, krow, kperm, koff, tasks, causal, offs
     """Online softmax of one tile of query slots over its cluster's keys (one thread per row).
 
     Invariant after each key: ``l = sum exp(S_j - m)``, ``out_row = sum exp(S_j - m) v_j``.
+    A NaN score makes the slot NaN; a ``+inf`` score takes the slot's weight
+    (:mod:`eff_attn._cuda_device`).
     """
     buf = cuda.shared.array(_TILE_FLOATS, float64)
     kend = cuda.shared.array(1, int64)
@@ -180,18 +184,19 @@ def _ragged_forward(q, k, v, qrow, qperm, krow, kperm, koff, tasks, causal, offs
                 for d in range(D):
                     s += q[g, i, d] * buf[jj * F + d]
                 s *= scale
-                if s > m:
-                    alpha = math.exp(m - s)
+                m_new = nan_max(m, s)
+                if m_new != m:                                          # a larger max, or NaN
+                    alpha = exp_shift(m, m_new)
                     ell *= alpha
                     for f in range(Dv):
                         slot_out[g, slot, f] *= alpha
-                    m = s
-                p = math.exp(s - m)
+                    m = m_new
+                p = exp_shift(s, m)
                 ell += p
                 for f in range(Dv):
                     slot_out[g, slot, f] += p * buf[jj * F + D + f]
         cuda.syncthreads()
-    if slot >= 0 and ell > 0:
+    if slot >= 0 and (ell > 0 or ell != ell):                           # a NaN row stays NaN
         for f in range(Dv):
             slot_out[g, slot, f] /= ell
         slot_lse[g, slot] = m + math.log(ell)
@@ -328,7 +333,7 @@ def _query_ranges(layout, C, window_rows):
 
 def _slot_weights(xp, layout, slot_lse, Nq):
     G = slot_lse.shape[0]
-    served = xp.isfinite(slot_lse) & (layout.qrow >= 0)                    # (G, Sq)
+    served = (slot_lse != -xp.inf) & (layout.qrow >= 0)                    # (G, Sq); NaN, +inf served
     rows = xp.where(layout.qrow >= 0, layout.qrow, 0)
     flat = (xp.arange(G, dtype=xp.int64)[:, None] * Nq + rows).ravel()
     n = xp.bincount(flat, weights=served.ravel().astype(xp.float64), minlength=G * Nq).reshape(G, Nq)

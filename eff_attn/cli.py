@@ -96,7 +96,7 @@ def _compare(args) -> int:
     if args.target is not None or args.model is not None:
         from .bench.recommend import run_from_cli
 
-        return run_from_cli(args)
+        return run_from_cli(args, defaults=build_parser().parse_args(["compare"]))
     console = Console()
     methods = args.methods or registry.method_names()
     for name in methods:

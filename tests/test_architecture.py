@@ -82,7 +82,6 @@ ALLOWED_METHOD_TO_METHOD = (
     "eff_attn.methods.entmax.numba -> eff_attn.methods.exact",
     "eff_attn.methods.entmax.numba -> eff_attn.methods.exact.numba",
     "eff_attn.methods.kdeformer.cupy -> eff_attn.methods.exact",
-    "eff_attn.methods.local.cupy -> eff_attn.methods.exact.cupy",
     "eff_attn.methods.local.numba -> eff_attn.methods.exact",
     "eff_attn.methods.local.numba -> eff_attn.methods.exact.numba",
     "eff_attn.methods.routing.numba -> eff_attn.methods.exact",

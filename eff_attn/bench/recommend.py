@@ -455,19 +455,21 @@ def write_outputs(result: dict, out_dir, *, command=None, plots=True) -> list[Pa
 # --- the command line -------------------------------------------------------------------------------
 
 
-def run_from_cli(args) -> int:
-    """``eff-attn compare ... --target T [--model module:factory]`` (called from :mod:`eff_attn.cli`)."""
+def run_from_cli(args, defaults) -> int:
+    """``eff-attn compare ... --target T [--model module:factory]`` (called from :mod:`eff_attn.cli`).
+
+    ``defaults`` are the parsed defaults of ``eff-attn compare``: an option left at its
+    default means "the whole file" for a heads file (its lengths and heads).
+    """
     from rich.console import Console
     from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    from ..cli import build_parser
     from .problems import is_heads_file, make_problem
 
     if args.target is None:
         raise ValueError("--model needs --target: the check swaps in the method recommended for that target")
     start = time.perf_counter()
-    defaults = build_parser().parse_args(["compare"])
     console = Console() if sys.stdout.isatty() else Console(width=80)
     from_file = is_heads_file(args.problem)
     methods = args.methods or registry.method_names()

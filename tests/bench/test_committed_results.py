@@ -11,7 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = sorted((ROOT / "benchmarks").glob("*/*/results.json"))
 WALLTIME = [p for p in RESULTS if json.loads(p.read_text()).get("kind") == "compare-walltime"]
-COMPARE = [p for p in RESULTS if p not in WALLTIME]
+COMPARE = [p for p in RESULTS if "rows" in json.loads(p.read_text()) and p not in WALLTIME]
+#: runs of the other benchmark scripts, each quoted on one docs page: (results folder, page, marker or path)
+SCRIPT_RUNS = {
+    "cpu/kernels": ("docs/methods/exact.md", "<!-- BEGIN kernels -->"),
+    "cpu/defaults-real": ("docs/methods/routing.md", "benchmarks/cpu/defaults-real/results.json"),
+}
 
 
 def _publisher():
@@ -45,8 +50,25 @@ def test_docs_tables_match_the_committed_results():
     assert publisher.main(["--check"]) == 0, "run python scripts/publish_benchmarks.py"
 
 
+def _name(path):
+    return str(path.parent.relative_to(ROOT / "benchmarks"))
+
+
 def test_every_committed_run_is_published():
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     for path in RESULTS:
-        name = str(path.parent.relative_to(ROOT / "benchmarks"))
-        assert f"<!-- BEGIN {name} -->" in text, name
+        name = _name(path)
+        if name in SCRIPT_RUNS:
+            page, marker = SCRIPT_RUNS[name]
+            assert marker in (ROOT / page).read_text(), (name, page)
+        else:
+            assert f"<!-- BEGIN {name} -->" in text, name
+
+
+@pytest.mark.parametrize("path", [p for p in RESULTS if _name(p) in SCRIPT_RUNS], ids=_name)
+def test_script_runs_record_command_and_environment(path):
+    payload = json.loads(path.read_text())
+    meta = payload.get("meta", payload)
+    assert meta["command"].startswith("python scripts/")
+    environment = meta.get("environment") or meta.get("machine") or meta.get("env")
+    assert environment, "no machine description"

@@ -88,3 +88,17 @@ def test_treeformer_split_through_a_point_agrees(method, dtype):
     a = eff_attn.attention(q, k, v, method=method, backend="numpy", height=3)
     b = eff_attn.attention(q, k, v, method=method, backend="numba", height=3)
     assert_close(b, a, rel=2e-5 if dtype == np.float32 else 1e-10)
+
+
+def test_routing_equal_scores_rank_by_position_on_every_backend():
+    """One-dimensional heads make every key's score +-1 exactly; the backends' last-bit
+    differences in normalising a key must not decide which key a balanced window takes."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 1, 1))
+    k = rng.standard_normal((2, 2, 1))
+    v = rng.standard_normal((2, 2, 1))
+    want = eff_attn.attention(q, k, v, method="routing", backend="numpy", rng=1)
+    got = eff_attn.attention(q, k, v, method="routing", backend="numba", rng=1)
+    assert_close(got, want, rel=1e-10, what="routing numba vs numpy on equal scores")
+    # slice 1: both keys score exactly 1 against both (equal) centroids, so the first key wins
+    assert want[1, 0, 0] == v[1, 0, 0]

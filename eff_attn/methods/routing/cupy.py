@@ -44,6 +44,7 @@ from .plan import (
     balanced_plan,
     first_key_of_clusters,
     plan_statistics,
+    rank_scores,
     row_limits,
     slot_layout,
     tile_tasks,
@@ -112,8 +113,8 @@ def route(q, k, *, mask, offset, centroids, head_of, num_clusters, assignment, w
             aK = xp.where(mask, aK, -1)
         return argmax_plan(RQ, aK, first_key_of_clusters(aK, C, xp), offset, C, unrouted, xp)
     q_dropped = None if mask is None or Nq != Nk else ~mask
-    qwin = _top_windows(RQ, window[0], q_dropped, True, xp)                 # (G, C, wQ)
-    kwin = _top_windows(RK, window[1], None if mask is None else ~mask, False, xp)   # (G, C, wK)
+    qwin = _top_windows(rank_scores(RQ, xp), window[0], q_dropped, True, xp)     # (G, C, wQ)
+    kwin = _top_windows(rank_scores(RK, xp), window[1], None if mask is None else ~mask, False, xp)   # (G, C, wK)
     return balanced_plan(RQ, qwin, kwin, mask, offset, Nk, C, unrouted, xp)
 
 

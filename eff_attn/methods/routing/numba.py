@@ -46,6 +46,7 @@ from .plan import (
     balanced_plan,
     first_key_of_clusters,
     plan_statistics,
+    rank_scores,
     slot_layout,
     tile_tasks,
     visible_prefix,
@@ -172,8 +173,8 @@ def route(q, k, *, mask, offset, centroids, head_of, num_clusters, assignment, w
                 aK = np.where(mask, aK, -1)                                  # (G, Nk)
             return argmax_plan(RQ, aK, first_key_of_clusters(aK, C), offset, C, unrouted)
         q_dropped = None if mask is None or Nq != Nk else ~mask
-        qwin = _windows(RQ, window[0], q_dropped, True)                      # (G, C, wQ)
-        kwin = _windows(RK, window[1], None if mask is None else ~mask, False)   # (G, C, wK)
+        qwin = _windows(rank_scores(RQ), window[0], q_dropped, True)         # (G, C, wQ)
+        kwin = _windows(rank_scores(RK), window[1], None if mask is None else ~mask, False)   # (G, C, wK)
     return balanced_plan(RQ, qwin, kwin, mask, offset, Nk, C, unrouted)
 
 

@@ -111,6 +111,19 @@ class RoutingPlan:
         return self.map_arrays(lambda a, t: a.reshape(*batch_shape, *a.shape[1:]))
 
 
+#: Balanced windows rank scores snapped to multiples of ``2**-bits`` (scores are cosines in
+#: [-1, 1]): far coarser than the backends' rounding differences (a few ulps), so scores that
+#: are equal in exact arithmetic (one-dimensional heads, repeated directions) rank by position
+#: on every backend instead of by a last-bit difference.
+RANK_BITS = {4: 14, 8: 32}
+
+
+def rank_scores(R, xp=np):
+    """``R`` snapped to the ranking grid of :data:`RANK_BITS` (exact: a power-of-two scale and a round)."""
+    scale = float(2 ** RANK_BITS[R.dtype.itemsize])
+    return (xp.round(R * scale) / scale).astype(R.dtype, copy=False)
+
+
 def row_limits(Nq: int, Nk: int, offset, xp=np):
     """Last key position each query may see, shape (Nq,) int64, in ``[-1, Nk - 1]``."""
     if offset is None:

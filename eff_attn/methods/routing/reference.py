@@ -35,7 +35,7 @@ from ..._array import swap_last
 from ..._softmax import softmax_attend, softmax_attend_backward
 from ...masks import visible_pairs
 from . import finish_res
-from .plan import argmax_plan, balanced_plan, row_limits
+from .plan import argmax_plan, balanced_plan, rank_scores, row_limits
 
 __all__ = [
     "routing_scores",
@@ -123,8 +123,8 @@ def _route_balanced(q, k, mask, offset, centroids, head_of, C, window, unrouted)
     RK = routing_scores(k, centroids, head_of)                              # (G, Nk, C)
     q_dropped = None if mask is None or Nq != Nk else ~mask                 # masked positions rank last
     k_dropped = None if mask is None else ~mask
-    qwin = top_windows(RQ, wQ, q_dropped, keep_dropped=True)                # (G, C, wQ) W^Q
-    kwin = top_windows(RK, wK, k_dropped, keep_dropped=False)               # (G, C, wK) W^K
+    qwin = top_windows(rank_scores(RQ), wQ, q_dropped, keep_dropped=True)   # (G, C, wQ) W^Q
+    kwin = top_windows(rank_scores(RK), wK, k_dropped, keep_dropped=False)  # (G, C, wK) W^K
     return balanced_plan(RQ, qwin, kwin, mask, offset, Nk, C, unrouted)
 
 

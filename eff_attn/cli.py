@@ -75,16 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_bar(console):
-    """A rich progress bar whose total is the cells' expected seconds, so its ETA follows the real cost."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-    from rich.table import Column
-
-    return Progress(TextColumn("{task.description}", table_column=Column(width=32, no_wrap=True, overflow="ellipsis")),
-                    BarColumn(bar_width=16), TaskProgressColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, transient=True)
-
 
 def _compare(args) -> int:
     from rich.console import Console
@@ -109,7 +99,7 @@ def _compare(args) -> int:
         dtype=args.dtype, causal=args.causal, budgets=args.budget, seeds=args.seeds, repeats=args.repeats,
         sdpa=not args.no_sdpa,
     )
-    with _progress_bar(console) as bar:
+    with report.progress_bar(console) as bar:
         task = bar.add_task("compare", total=None)
 
         def progress(label, advance, total):

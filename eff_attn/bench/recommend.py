@@ -43,7 +43,7 @@ import numpy as np
 from .. import _backend, api, metrics, registry
 from ..registry import NotSupportedError
 from .measure import peak_memory, time_call
-from .report import budget_label, fastest_within, pareto_front
+from .report import budget_label, fastest_within, pareto_front, progress_bar
 
 __all__ = ["sweep", "choose", "recommend", "downstream_change", "load_model_spec", "print_report",
            "write_outputs", "run_from_cli", "YARDSTICKS"]
@@ -462,8 +462,6 @@ def run_from_cli(args, defaults) -> int:
     default means "the whole file" for a heads file (its lengths and heads).
     """
     from rich.console import Console
-    from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
 
     from .problems import is_heads_file, make_problem
 
@@ -489,8 +487,7 @@ def run_from_cli(args, defaults) -> int:
         else:
             problem = make_problem(args.problem, n, d=32 if args.problem == "real" else args.d, heads=args.heads)
         causal = bool(args.causal or problem.meta.get("causal", False))
-        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                      TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True) as bar:
+        with progress_bar(console) as bar:
             task = bar.add_task("sweep", total=sweep_cost(methods, backends))
             result = recommend(problem, args.target, causal=causal, methods=methods, backends=backends,
                                dtype=args.dtype, seeds=args.seeds, repeats=args.repeats, sdpa=not args.no_sdpa,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["scaling_exponents", "crossovers", "budget_label", "pareto_front", "fastest_within", "markdown_table",
-           "compact", "print_table", "write_json", "load_json", "summarise"]
+           "compact", "print_table", "write_json", "load_json", "summarise", "progress_bar"]
 
 
 def _key(row) -> tuple:
@@ -267,3 +267,14 @@ def write_json(result: dict, path: Path, command: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
     return path
+
+
+def progress_bar(console):
+    """A rich progress bar whose total is the cells' expected seconds, so its ETA follows the real cost."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+    from rich.table import Column
+
+    return Progress(TextColumn("{task.description}", table_column=Column(width=32, no_wrap=True, overflow="ellipsis")),
+                    BarColumn(bar_width=16), TaskProgressColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console, transient=True)

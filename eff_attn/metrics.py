@@ -15,6 +15,7 @@ import numpy as np
 __all__ = [
     "rel_frobenius",
     "rel_spectral",
+    "spectral_norm",
     "max_abs_error",
     "relative_max_abs",
     "uniform_output",
@@ -46,10 +47,28 @@ def rel_frobenius(approx, exact):
     return _ratio(np.linalg.norm(a - e, axis=(-2, -1)), np.linalg.norm(e, axis=(-2, -1)))
 
 
+def spectral_norm(x):
+    """Largest singular value per slice of ``x`` (..., m, n), shape (...).
+
+    ``||x||_2 = sqrt(lambda_max(G))`` with the Gram matrix ``G = x^T x`` of
+    size ``min(m, n)``: for an attention output (N x Dv, N >> Dv) that is a
+    Dv x Dv eigenproblem instead of an SVD of the whole output, dozens of
+    times faster at the same float64 accuracy (``lambda_max = ||x||_2^2``, so
+    its rounding error relative to ``||x||_2^2`` is a few ulps).
+    """
+    x = _host64(x)
+    xt = np.swapaxes(x, -1, -2)                                            # (..., n, m)
+    gram = xt @ x if x.shape[-2] >= x.shape[-1] else x @ xt                # (..., p, p), p = min(m, n)
+    if gram.shape[-1] == 0:
+        return np.zeros(x.shape[:-2])
+    top = np.linalg.eigvalsh(gram)[..., -1]                                # (...,) lambda_max
+    return np.sqrt(np.maximum(top, 0.0))
+
+
 def rel_spectral(approx, exact):
-    """``||approx - exact||_2 / ||exact||_2`` per slice (largest singular values)."""
+    """``||approx - exact||_2 / ||exact||_2`` per slice (largest singular values, :func:`spectral_norm`)."""
     a, e = _host64(approx), _host64(exact)
-    return _ratio(np.linalg.norm(a - e, ord=2, axis=(-2, -1)), np.linalg.norm(e, ord=2, axis=(-2, -1)))
+    return _ratio(spectral_norm(a - e), spectral_norm(e))
 
 
 def max_abs_error(approx, exact):
@@ -160,9 +179,9 @@ def spectral_error(out, ref, *, normalise="output", q=None, k=None, v=None, mask
         and the number ``skipped``.
     """
     a, e = _host64(out), _host64(ref)
-    num = np.linalg.norm(a - e, ord=2, axis=(-2, -1))                                  # (...)
+    num = spectral_norm(a - e)                                                          # (...)
     if normalise == "output":
-        den = np.linalg.norm(e, ord=2, axis=(-2, -1))                                  # (...)
+        den = spectral_norm(e)                                                          # (...)
     elif normalise == "paper":
         if q is None or k is None or v is None:
             raise ValueError('normalise="paper" needs q, k and v')

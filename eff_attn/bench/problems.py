@@ -55,25 +55,36 @@ def gaussian(n: int, d: int = 64, heads: int = 8, seed: int = 0) -> AttentionPro
 
 
 def clustered(n: int, d: int = 64, heads: int = 8, clusters: int = 16, spread: float = 0.3,
-              strength: float = 3.0, seed: int = 0) -> AttentionProblem:
-    """Queries and keys scattered around ``clusters`` shared unit centres.
+              strength: float = 3.0, value_noise: float = 0.5, seed: int = 0) -> AttentionProblem:
+    """Queries and keys scattered around ``clusters`` shared unit centres; values follow their keys.
 
-    ``x = strength * sqrt(d)^(1/2) * (c + spread * noise)`` places a token near its
-    centre; a query's largest scores are with keys of its own cluster.
+    ``x = strength * d^(1/4) * (c + spread * noise)`` places a token near its
+    centre; a query's largest scores are with keys of its own cluster. A
+    key's value is its cluster's value centre (standard normal) plus
+    ``value_noise`` times standard normal noise: tokens that look alike carry
+    alike values, as in a trained model, so the exact output of a query is
+    close to its cluster's value centre and a method that finds the cluster
+    gets it right. (With values independent of the keys, the exact output
+    would be the mean of a cluster's noise, a short vector any sparse method
+    overshoots.)
     """
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((heads, clusters, d))
+    centres = rng.standard_normal((heads, clusters, d))                    # (H, C, d)
     centres /= np.linalg.norm(centres, axis=-1, keepdims=True)
+    value_centres = rng.standard_normal((heads, clusters, d))              # (H, C, d)
     amp = strength * d ** 0.25
 
-    def tokens():
-        labels = rng.integers(0, clusters, size=(heads, n))
-        noise = rng.standard_normal((heads, n, d)) / np.sqrt(d)
+    def tokens(labels):
+        noise = rng.standard_normal((heads, n, d)) / np.sqrt(d)            # (H, n, d)
         return amp * (np.take_along_axis(centres, labels[..., None], axis=1) + spread * noise)
 
-    q, k = tokens(), tokens()
-    v = rng.standard_normal((heads, n, d))
-    return AttentionProblem("clustered", q, k, v, f"{clusters} clusters, spread {spread}", {"clusters": clusters})
+    q_labels = rng.integers(0, clusters, size=(heads, n))                  # (H, n)
+    k_labels = rng.integers(0, clusters, size=(heads, n))                  # (H, n)
+    q, k = tokens(q_labels), tokens(k_labels)                              # (H, n, d) each
+    v = (np.take_along_axis(value_centres, k_labels[..., None], axis=1)
+         + value_noise * rng.standard_normal((heads, n, d)))               # (H, n, d)
+    return AttentionProblem("clustered", q, k, v, f"{clusters} clusters, spread {spread}, value noise {value_noise}",
+                            {"clusters": clusters})
 
 
 def peaked(n: int, d: int = 64, heads: int = 8, sharpness: float = 3.0, seed: int = 0) -> AttentionProblem:

@@ -378,7 +378,10 @@ def _run_cell(method, budget, backend, host, truth, config):
             errs.setdefault(key, []).append(value)
         if flops is None:
             flops = api.build_info(c, res)["flops"]
-    used = call.params.get(method.budget_name) if method.budget_name else None
+    # the resolved budget parameter when the cell sets it (or runs on defaults); a cell that sets other
+    # parameters (Sparsefinder's distance predictor has no top_clusters) is labelled by what it sets
+    names_budget = method.budget_name and (method.budget_name in budget or not budget)
+    used = call.params.get(method.budget_name) if names_budget else None
     value = used if isinstance(used, (bool, int, float, str, np.integer, np.floating)) else \
         _budget_value(method, budget)
     return _row(None, None, method.name, method.budget_name, value, call.impl.backend,

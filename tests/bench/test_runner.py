@@ -86,7 +86,8 @@ def test_default_budget_runs_a_method_that_needs_a_fitted_state():
     result = run_compare(config)
     assert result["skipped"] == []
     (row,) = result["rows"]
-    assert row["params"] == {"state": "fit"} and row["rel_fro_median"] < 2
+    assert row["params"] == {"state": "fit", "predictor": "distance"} and row["rel_fro_median"] < 2
+    assert row["budget"] == "state=fit, predictor=distance"                   # not the unused top_clusters
 
 
 def test_the_default_run_is_one_budget_per_method_and_the_sweep_is_behind_a_flag():

@@ -348,7 +348,7 @@ METHOD = Method(
     budgets=(*({"state": "fit", "predictor": "kmeans", "top_clusters": t} for t in (1, 2, 4)),
              {"state": "fit", "predictor": "distance"}),
     budget_name="top_clusters",
-    compare_defaults={"state": "fit"},
+    compare_defaults={"state": "fit", "predictor": "distance"},
     sharding=Sharding(split={"graph": ("slice", "query"), "heads": _heads_part}, shared=("fitted_state",),
                       reads_data=_sparsefinder_reads_data),
 )

@@ -42,19 +42,30 @@ BLOCK_Q = 32
 
 
 @nb.njit(cache=True)
-def _distance(qp, kp, metric, q_norm, k_norm):
-    """Projected distance, summed in coordinate order like the reference (no fast-math)."""
-    if metric == SQEUCLIDEAN:
-        total = 0.0
-        for c in range(qp.shape[0]):
-            diff = qp[c] - kp[c]
-            total = total + diff * diff
-        return total
-    dot = 0.0
-    for c in range(qp.shape[0]):
-        dot = dot + qp[c] * kp[c]
-    denom = q_norm * k_norm
-    return 1.0 - (dot / denom if denom > 0 else 0.0)
+def _distance_row(q_proj, k_proj_t, g, i, end, metric, q_norm, k_norm, dist):
+    """``dist[:end]``: projected distances of query ``i`` to keys ``0 .. end - 1`` of slice ``g``.
+
+    Coordinate-outer, key-inner over the transposed keys ``k_proj_t`` (G, r, Nk):
+    each key's sum still runs over the coordinates in order, like the reference's
+    :func:`~eff_attn.methods.sparsefinder.graph.pair_distances` (no fast-math, so
+    no fused multiply-add), while the key loop is contiguous and vectorises.
+    """
+    r = k_proj_t.shape[1]
+    for j in range(end):
+        dist[j] = 0.0
+    for c in range(r):
+        qc = q_proj[g, i, c]
+        if metric == SQEUCLIDEAN:
+            for j in range(end):
+                diff = qc - k_proj_t[g, c, j]
+                dist[j] = dist[j] + diff * diff
+        else:
+            for j in range(end):
+                dist[j] = dist[j] + qc * k_proj_t[g, c, j]
+    if metric != SQEUCLIDEAN:
+        for j in range(end):
+            denom = q_norm[g, i] * k_norm[g, j]
+            dist[j] = 1.0 - (dist[j] / denom if denom > 0 else 0.0)
 
 
 @serial
@@ -78,7 +89,7 @@ def _add(j, stamp, marker, cand, n):
 
 @kernel
 def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha, use_sort, mode, window,
-                         global_tokens, q_labels, members, offsets, q_proj, k_proj, q_norm, k_norm, threshold,
+                         global_tokens, q_labels, members, offsets, q_proj, k_proj_t, q_norm, k_norm, threshold,
                          graph, dense_z_max, dense_tau, recall, out, keys_per_query, support_out, gold_hits):
     G, Nq, D = q.shape
     Nk, Dv = k.shape[1], v.shape[2]
@@ -92,6 +103,7 @@ def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha
         z = np.empty(Nk, dtype=q.dtype)
         inner = np.empty(Nk, dtype=np.int64)
         xc = np.empty(Nk, dtype=np.float64)
+        dist = np.empty(Nk, dtype=np.float64)
         work = np.empty(2 * Nk, dtype=np.float64)
         acc = np.empty(Dv, dtype=np.float64)
         for i in range(i0, min(Nq, i0 + BLOCK_Q)):
@@ -124,12 +136,10 @@ def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha
                                 break
                             n = _add(j, i, marker, cand, n)
                 elif mode == SQEUCLIDEAN or mode == COSINE:
+                    _distance_row(q_proj, k_proj_t, g, i, end, mode, q_norm, k_norm, dist)
                     for j in range(end):
-                        if (not has_mask or keep[g, j]) and marker[j] != i:
-                            qn = q_norm[g, i] if mode == COSINE else 0.0
-                            kn = k_norm[g, j] if mode == COSINE else 0.0
-                            if _distance(q_proj[g, i], k_proj[g, j], mode, qn, kn) <= threshold[g]:
-                                n = _add(j, i, marker, cand, n)
+                        if (not has_mask or keep[g, j]) and marker[j] != i and dist[j] <= threshold[g]:
+                            n = _add(j, i, marker, cand, n)
                 elif mode == ORACLE and dense_tau[g, i] != np.inf:
                     for j in range(end):
                         if (not has_mask or keep[g, j]) and marker[j] != i:
@@ -189,7 +199,8 @@ def forward(q, k, v, *, mask, offset, scale, **params):
             int(params["global_tokens"]),
             _or_empty(plan["q_labels"], 3, np.int64), _or_empty(plan["members"], 2, np.int64),
             _or_empty(plan["offsets"], 2, np.int64), _or_empty(plan["q_proj"], 3, np.float64),
-            _or_empty(plan["k_proj"], 3, np.float64), _or_empty(plan["q_norm"], 2, np.float64),
+            _or_empty(None if plan["k_proj"] is None else plan["k_proj"].transpose(0, 2, 1), 3, np.float64),
+            _or_empty(plan["q_norm"], 2, np.float64),
             _or_empty(plan["k_norm"], 2, np.float64),
             _or_empty(None if heads is None else heads.threshold, 1, np.float64), _or_empty(graph, 3, np.bool_),
             _or_empty(None if dense is None else dense["z_max"], 2, np.float64),

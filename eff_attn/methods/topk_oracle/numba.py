@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ..._jit import blas_single_thread, contiguous, kernel, serial
+from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
 from . import QUERY_BLOCK
 
 __all__ = ["forward"]
@@ -53,6 +53,7 @@ def _topk_kernel(q, k, v, keep, causal, offset, scale, topk, block_q, out, suppo
         i0 = (task % n_blocks) * block_q
         i1 = min(Nq, i0 + block_q)
         s = np.dot(q[g, i0:i1] * scale, k[g].T)                            # (Bq, Nk)
+        bits = np.empty(Nk, dtype=np.int32)                                # exp_shifted's (unused) scratch
         for r in range(i1 - i0):
             i = i0 + r
             row = s[r]
@@ -68,17 +69,17 @@ def _topk_kernel(q, k, v, keep, causal, offset, scale, topk, block_q, out, suppo
             mass_kept[g, i] = 0
             if mu == -np.inf:                                              # nothing visible
                 continue
-            total = 0.0                                                    # all visible keys
-            for j in range(end):
-                if neg[j] != np.inf:
-                    total += np.exp(row[j] - mu)
+            for j in range(Nk):                                            # invisible keys weigh nothing
+                if neg[j] == np.inf:
+                    row[j] = -np.inf
+            total = exp_shifted(row, row.dtype.type(mu), bits)             # row <- exp(S - mu); all visible keys
             kept = 0.0
             acc = np.zeros(Dv)
             for t in range(order.shape[0]):
                 j = order[t]
                 if neg[j] == np.inf:
                     break
-                w = np.exp(row[j] - mu)
+                w = row[j]                                                 # exp(S_ij - mu)
                 kept += w
                 acc += w * v[g, j]
                 support[g, i, t] = j

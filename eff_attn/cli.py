@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, default=2, help="seeds per randomised method (default: 2)")
     compare.add_argument("--repeats", type=int, default=5, help="warm timing repeats (default: 5)")
     compare.add_argument("--no-sdpa", action="store_true", help="do not time torch SDPA as the anchor")
+    compare.add_argument("--compile-jobs", type=int, default=None,
+                         help="processes that compile the Numba kernels before the timed run (default: the CPU "
+                              "count; 1 compiles in each method's first call)")
     compare.add_argument("--out", type=Path, default=Path("compare-out"), help="output folder (default: compare-out)")
     compare.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     compare.add_argument("--target", type=float, default=None,
@@ -81,7 +84,7 @@ def _compare(args) -> int:
 
     from . import registry
     from .bench import plots, report
-    from .bench.runner import CompareConfig, check_backends, run_compare
+    from .bench.runner import CompareConfig, _cpu_count, check_backends, run_compare
 
     if args.target is not None or args.model is not None:
         from .bench.recommend import run_from_cli
@@ -97,7 +100,7 @@ def _compare(args) -> int:
     config = CompareConfig(
         methods=methods, backends=args.backend, ns=args.n, problem=args.problem, heads=args.heads, d=args.d,
         dtype=args.dtype, causal=args.causal, budgets=args.budget, seeds=args.seeds, repeats=args.repeats,
-        sdpa=not args.no_sdpa,
+        sdpa=not args.no_sdpa, compile_jobs=_cpu_count() if args.compile_jobs is None else args.compile_jobs,
     )
     with report.progress_bar(console) as bar:
         task = bar.add_task("compare", total=None)

@@ -42,6 +42,7 @@ from .measure import peak_memory, time_call
 from .problems import make_problem
 from .report import BETTER_THAN_UNIFORM
 from .targets import SOFTMAX, Target, target_of
+from .warmup import compile_ahead
 
 __all__ = ["CompareConfig", "run_compare", "environment", "expected_cost", "check_backends", "sdpa_inputs", "SDPA",
            "SDPA_CALL", "TORCH_MISSING"]
@@ -69,6 +70,11 @@ class CompareConfig:
     repeats: int = 5
     time_budget_s: float = 2.0
     sdpa: bool = True
+    compile_jobs: int = 0
+
+    # compile_jobs: processes that compile the Numba kernels before the timed run
+    # (:mod:`eff_attn.bench.warmup`); 0 or 1 compiles in the first timed call instead.
+    # ``eff-attn compare`` passes the CPU count.
 
     def method_list(self) -> list[str]:
         return list(self.methods) if self.methods else registry.method_names()
@@ -206,6 +212,8 @@ _CPU_FLOPS_PER_S = 2e9
 _CALL_OVERHEAD_S = 0.01
 #: Fitting a learned state on the call's inputs, in seconds per million (query, key) pairs per slice
 #: (measured on a 2-core box at N = 2048); for progress weights only.
+#: Compiling one method's kernels on a cold cache, for progress weights only (a few seconds warm).
+_COMPILE_S = 10.0
 _FIT_S_PER_MPAIR = {"treeformer_tf": 0.4, "treeformer_tc": 0.4, "sparsefinder": 0.8}
 
 
@@ -307,11 +315,22 @@ def run_compare(config: CompareConfig, progress=None) -> dict:
     cells = [(n, method, budget, backend, expected_cost(method, budget, n, config))
              for n in config.ns for method in methods
              for budget in _budget_list(method, config.budgets) for backend in backends]
-    total = sum(c[-1] for c in cells) + sum(_sdpa_cost(n, config) for n in config.ns) * len(sdpa_devices)
+    jobs = config.compile_jobs if _backend.available("numba")[0] else 0
+    compile_cost = _COMPILE_S * len({c[1].name for c in cells}) / max(jobs, 1) if jobs > 1 else 0.0
+    total = (compile_cost + sum(c[-1] for c in cells)
+             + sum(_sdpa_cost(n, config) for n in config.ns) * len(sdpa_devices))
 
     def tick(label, advance):
         if progress is not None:
             progress(label, advance, total)
+
+    ahead, ahead_wall = {}, 0.0
+    if compile_cost:
+        tick(f"compiling kernels ({jobs} processes)", 0)
+        start = time.perf_counter()
+        ahead = compile_ahead(config, [c[:4] for c in cells], jobs)
+        ahead_wall = time.perf_counter() - start
+        tick(f"compiling kernels ({jobs} processes)", compile_cost)
 
     for n in config.ns:
         problem = make_problem(config.problem, n, d=config.d, heads=config.heads)
@@ -321,9 +340,12 @@ def run_compare(config: CompareConfig, progress=None) -> dict:
         for _, method, budget, backend, cost in (c for c in cells if c[0] == n):
             label = f"N={n} {method.name} {_budget_value(method, budget)} [{backend}]"
             tick(label, 0)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             row = _run_cell(method, budget, backend, host, truth, config)
             row["cell_s"] = time.perf_counter() - start                     # draws, fits, timing, scoring
+            row["cell_cpu_s"] = time.process_time() - start_cpu             # all threads: steadier when shared
+            if method.name in ahead:
+                row["compile_ahead_s"] = ahead[method.name]                 # a worker's compile + one-head calls
             tick(label, cost)
             if row.get("status") == "skipped":
                 skipped.append({"n": n, **row})
@@ -344,7 +366,8 @@ def run_compare(config: CompareConfig, progress=None) -> dict:
                              flops=4 * config.heads * n * n * config.d, config=config, target=SOFTMAX))
             tick(label, _sdpa_cost(n, config))
     return {
-        "meta": {"config": asdict(config), "environment": environment(), "sdpa_call": SDPA_CALL},
+        "meta": {"config": asdict(config), "environment": environment(), "sdpa_call": SDPA_CALL,
+                 "compile_ahead_wall_s": ahead_wall},
         "rows": rows,
         "skipped": skipped,
     }

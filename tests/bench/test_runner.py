@@ -196,3 +196,25 @@ def test_without_torch_the_sdpa_row_is_skipped_with_its_reason(monkeypatch, tmp_
     assert skip["method"] == "sdpa" and "torch is not installed" in skip["reason"]
     out = capsys.readouterr().out
     assert "sdpa" in out and "skipped" in out and "torch is not installed" in out
+
+
+def test_compile_ahead_fills_a_cold_cache_and_skips_a_warm_one(tmp_path):
+    """In a fresh process with an empty Numba cache: the pass compiles uniform's kernels, then has nothing to do."""
+    code = (
+        "import json; from eff_attn import registry; "
+        "from eff_attn.bench.runner import CompareConfig; from eff_attn.bench.warmup import compile_ahead, "
+        "has_cached_kernels; "
+        "m = registry.get_method('uniform'); c = CompareConfig(methods=['uniform'], ns=[64], heads=1, d=8); "
+        "cells = [(64, m, {}, 'auto')]; before = has_cached_kernels(m); first = compile_ahead(c, cells, 2); "
+        "after = has_cached_kernels(m); second = compile_ahead(c, cells, 2); "
+        "print(json.dumps([before, sorted(first), after, second, compile_ahead(c, cells, 1)]))"
+    )
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    before, first, after, second, serial = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (before, first, after, second, serial) == (False, ["uniform"], True, {}, {})

@@ -184,7 +184,8 @@ def draw(rng, problem, params) -> dict:
 
     One sequence per slice: the state's head shape is the inputs' leading
     shape. At most ``FIT_ON_INPUT_QUERIES`` queries per slice train it
-    (:func:`_fit_queries`); the centroids and threshold see the same rows.
+    (:func:`_fit_queries`); the centroids (``kmeans``) or the threshold
+    (``distance``), whichever the predictor reads, see the same rows.
     The fit sees the gold graph of these very inputs, so it measures what a
     predictor of this kind can reach, not how it generalises.
     """
@@ -198,8 +199,9 @@ def draw(rng, problem, params) -> dict:
     mask = None if problem.mask is None else to_host(problem.unflatten(problem.mask))[None]
     state, _ = fit_sparsefinder(
         q, k, r=FIT_ON_INPUT_R, alpha=params["alpha"], scale=problem.scale, mask=mask, causal=causal,
-        epochs=FIT_ON_INPUT_EPOCHS, num_clusters=FIT_ON_INPUT_CLUSTERS, metric=params["metric"],
-        rng=as_generator(rng))
+        epochs=FIT_ON_INPUT_EPOCHS, metric=params["metric"], rng=as_generator(rng),
+        num_clusters=FIT_ON_INPUT_CLUSTERS if params["predictor"] == "kmeans" else None,     # only what the
+        target_recall=0.95 if params["predictor"] == "distance" else None)                  # predictor reads
     threshold = params["threshold"] if params["predictor"] == "distance" else None
     heads = state_for_batch(state, problem.batch_shape, threshold)
     return {"heads": heads, "fitted_state": state}

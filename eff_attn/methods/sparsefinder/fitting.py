@@ -494,9 +494,11 @@ def fit_sparsefinder(q, k, *, r=8, alpha=1.5, scale=None, mask=None, causal=Fals
     shared, margin, lr, epochs, batch_size, grad_clip
         As in :func:`init_sparsefinder` and :func:`fit_projections`.
     num_clusters, n_rounds, max_iter
-        As in :func:`fit_centroids`.
+        As in :func:`fit_centroids`; ``num_clusters=None`` fits no centroids
+        (only the ``kmeans`` predictor reads them).
     target_recall, metric
-        As in :func:`fit_threshold`.
+        As in :func:`fit_threshold`; ``target_recall=None`` calibrates no
+        threshold (only the ``distance`` predictor reads it).
     rng : None, int or Generator
 
     Returns
@@ -512,8 +514,10 @@ def fit_sparsefinder(q, k, *, r=8, alpha=1.5, scale=None, mask=None, causal=Fals
     state = init_sparsefinder(q.shape[-1], r, head_shape=q.shape[1:-2], shared=shared, rng=gen)
     state, history = fit_projections(state, q, k, alpha=alpha, scale=scale, mask=mask, causal=causal, margin=margin,
                                      lr=lr, epochs=epochs, batch_size=batch_size, grad_clip=grad_clip, rng=gen)
-    state = fit_centroids(state, q, k, num_clusters=num_clusters, n_rounds=n_rounds, max_iter=max_iter, mask=mask,
-                          rng=gen)
-    state = fit_threshold(state, q, k, target_recall=target_recall, metric=metric, mask=mask, causal=causal,
-                          batch_size=batch_size)
+    if num_clusters is not None:
+        state = fit_centroids(state, q, k, num_clusters=num_clusters, n_rounds=n_rounds, max_iter=max_iter,
+                              mask=mask, rng=gen)
+    if target_recall is not None:
+        state = fit_threshold(state, q, k, target_recall=target_recall, metric=metric, mask=mask, causal=causal,
+                              batch_size=batch_size)
     return state, history

@@ -1,0 +1,122 @@
+"""Compile a comparison's Numba kernels ahead of it, in parallel processes.
+
+Numba compiles a kernel the first time it meets a type signature and, with
+``cache=True``, stores the machine code in its cache directory; later
+processes load it in a fraction of a second. A cold first run of
+``eff-attn compare`` spends most of its time compiling, one kernel after
+another, on one core: the compiler holds a process-wide lock.
+:func:`compile_ahead` runs each method's cells once, on a one-head copy of
+the problem (same length, head size, dtype and options, so the same kernels
+and signatures), in ``jobs`` spawned processes. Their kernels land in the
+shared cache, and the timed run in the parent then loads them.
+
+Only methods whose kernels are not cached at all take part
+(:func:`has_cached_kernels`): on a warm cache the pass is skipped, since
+loading every kernel twice and fitting states in the workers would cost a
+warm run about a third more CPU time. With ``jobs <= 1`` there is no pass
+and the first timed call of each cell compiles, as before. A cell that
+fails here is ignored: the timed run reports it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+__all__ = ["compile_ahead", "warm_cells", "has_cached_kernels"]
+
+
+def has_cached_kernels(method) -> bool:
+    """Whether any kernel of ``method``'s Numba backend has an entry in Numba's cache.
+
+    Reads each dispatcher's cache index (a Numba internal, behind a guard:
+    if it cannot be read, the answer is True, which skips the pass).
+    """
+    import importlib
+
+    import numba
+
+    impl = method.impl("numba")
+    if impl is None or not isinstance(impl.module, str):
+        return True
+    try:
+        module = importlib.import_module(impl.module)
+        dispatchers = [obj for obj in vars(module).values()
+                       if isinstance(obj, numba.core.dispatcher.Dispatcher) and obj.py_func.__module__ == module.__name__]
+        return not dispatchers or any(bool(d._cache._cache_file._load_index()) for d in dispatchers)
+    except Exception:  # noqa: BLE001 - a Numba without these internals: behave as before (no pass)
+        return True
+
+
+def warm_cells(task: dict) -> tuple[str, float]:
+    """Run one method's cells once on one head (in a worker); returns ``(method, seconds)``."""
+    start = time.perf_counter()
+    import numba
+
+    from .. import api
+    from .problems import make_problem
+    from .targets import SOFTMAX, target_of
+
+    numba.set_num_threads(1)                                 # the workers share the cores
+    problem = make_problem(task["problem"], task["n"], d=task["d"], heads=1)
+    host, host64 = problem.astype(np.dtype(task["dtype"])), problem.astype(np.float64)
+    targets = {SOFTMAX}
+    for budget in task["budgets"]:
+        for backend in task["backends"]:
+            try:
+                call = api.prepare(*host, method=task["method"], backend=backend, causal=task["causal"], rng=0,
+                                   **budget)
+                if call.impl.backend != "numba":
+                    continue
+                call.run_forward()
+                targets.add(target_of(task["method"], call.params))
+            except Exception:  # noqa: BLE001 - the timed run reports every failure with its reason
+                continue
+    for target in targets:                                   # the float64 references of these cells
+        try:
+            api.attention(*host64, method=target.method, backend="numba", causal=task["causal"], **target.kwargs)
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        api.attention(*host64, method="uniform", backend="numba", causal=task["causal"])
+    except Exception:  # noqa: BLE001
+        pass
+    return task["method"], time.perf_counter() - start
+
+
+def compile_ahead(config, cells, jobs: int) -> dict[str, float]:
+    """Warm the Numba cache for ``cells`` (``(n, method, budget, backend)`` tuples) in ``jobs`` processes.
+
+    Returns ``{method: seconds}``, each worker's wall time for that method
+    (compiling or loading its kernels, plus one one-head call per cell);
+    ``{}`` when there is nothing to do or ``jobs <= 1``.
+    """
+    from .. import _backend
+
+    if jobs <= 1 or not _backend.available("numba")[0]:
+        return {}
+    tasks = {}
+    cold = {}
+    for n, method, budget, backend in cells:
+        if backend not in ("auto", "numba"):
+            continue
+        if method.name not in cold:
+            cold[method.name] = not has_cached_kernels(method)
+        if not cold[method.name]:
+            continue
+        task = tasks.setdefault((n, method.name), {
+            "method": method.name, "n": n, "problem": config.problem, "d": config.d, "dtype": config.dtype,
+            "causal": config.causal, "budgets": [], "backends": [backend]})
+        if budget not in task["budgets"]:
+            task["budgets"].append(budget)
+    if not tasks:
+        return {}
+    context = multiprocessing.get_context("spawn")           # never fork a process that may hold threads
+    seconds: dict[str, float] = {}
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
+        for name, elapsed in pool.map(warm_cells, tasks.values()):
+            seconds[name] = seconds.get(name, 0.0) + elapsed
+    return seconds

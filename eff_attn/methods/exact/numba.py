@@ -76,10 +76,13 @@ def _mask_tile(s, keep, g, i0, j0, o, wL, wR):
     for r in range(bq):
         p = i0 + r + o
         first = min(bk, max(0, p - wL - j0))                               # first column in the band
-        stop = min(bk, max(0, p + wR + 1 - j0))                            # one past the last
-        for c in range(bk):
-            if c < first or c >= stop or (has_mask and not keep[g, j0 + c]):
-                s[r, c] = -np.inf
+        stop = min(bk, max(first, p + wR + 1 - j0))                        # one past the last
+        s[r, :first] = -np.inf                                             # keys before the band
+        s[r, stop:] = -np.inf                                              # keys after it
+        if has_mask:
+            for c in range(first, stop):
+                if not keep[g, j0 + c]:
+                    s[r, c] = -np.inf
 
 
 @kernel

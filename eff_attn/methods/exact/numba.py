@@ -6,7 +6,9 @@ size Nq x Nk is ever allocated: each task holds one (Bq, Bk) score tile.
 Blocking
     ``prange`` over ``G x ceil(Nq / Bq)`` tasks; a task owns one query block
     of one slice and its private running max ``mu``, sum ``l`` and
-    accumulator ``acc``. Tile products are ``np.dot`` through SciPy's BLAS
+    accumulator ``acc``. Within a slice the tasks take the query blocks short
+    and long in turn (:func:`_paired`), so that the threads' contiguous runs of
+    tasks cost the same under a causal mask. Tile products are ``np.dot`` through SciPy's BLAS
     into preallocated buffers, held to one thread while ``prange`` owns the
     cores. Tiles are sized to stay in a core's L2 cache
     (:func:`eff_attn.methods.exact.cpu_blocks`); the exponentials use the
@@ -52,6 +54,18 @@ def _tile(buffer, rows, cols):
 
 
 @serial
+def _paired(task, n_blocks):
+    """Block index of ``task``'s place in the order 0, n-1, 1, n-2, ...: a short and a long block in turn.
+
+    ``prange`` hands each thread a contiguous run of tasks; under a causal mask
+    query block ``b`` costs about ``b + 1`` tiles, so in this order every run
+    holds as many long blocks as short ones, even for a single slice.
+    """
+    b = task % n_blocks
+    return b // 2 if b % 2 == 0 else n_blocks - 1 - b // 2
+
+
+@serial
 def _key_range(i0, i1, o, wL, wR, Nk):
     """Keys ``[lo, hi)`` that the bands of queries ``[i0, i1)`` reach (empty when ``hi <= lo``)."""
     return max(0, i0 + o - wL), min(Nk, i1 - 1 + o + wR + 1)
@@ -92,7 +106,7 @@ def _forward_kernel(q, k, v, keep, o, wL, wR, scale, block_q, block_k, out, lse)
     n_blocks = (Nq + block_q - 1) // block_q
     for task in prange(G * n_blocks):
         g = task // n_blocks
-        i0 = (task % n_blocks) * block_q
+        i0 = _paired(task, n_blocks) * block_q
         i1 = min(Nq, i0 + block_q)
         bq = i1 - i0
         qs = q[g, i0:i1] * scale                                           # (Bq, D)
@@ -144,7 +158,7 @@ def _backward_kv_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block
     n_blocks = (Nk + block_k - 1) // block_k
     for task in prange(G * n_blocks):
         g = task // n_blocks
-        j0 = (task % n_blocks) * block_k
+        j0 = _paired(task, n_blocks) * block_k
         j1 = min(Nk, j0 + block_k)
         bk = j1 - j0
         ks = k[g, j0:j1] * scale                                           # (Bk, D)
@@ -181,7 +195,7 @@ def _backward_q_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block_
     n_blocks = (Nq + block_q - 1) // block_q
     for task in prange(G * n_blocks):
         g = task // n_blocks
-        i0 = (task % n_blocks) * block_q
+        i0 = _paired(task, n_blocks) * block_q
         i1 = min(Nq, i0 + block_q)
         bq = i1 - i0
         qs = q[g, i0:i1] * scale                                           # (Bq, D)

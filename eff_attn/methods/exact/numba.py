@@ -42,7 +42,7 @@ from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
 from ..._tiles import finish_row, online_softmax_step
-from . import cpu_blocks
+from . import EXACT_BLOCK_Q_CPU, EXACT_TILE_MACS, cpu_blocks
 
 __all__ = ["forward", "backward", "full_band", "banded_forward", "banded_backward"]
 
@@ -303,9 +303,14 @@ def _slices_fill_the_threads(G: int) -> bool:
     return G % threads == 0 or G >= 2 * threads
 
 
+def _exact_blocks(q, v, block_q, block_k):
+    """Exact attention's tile sizes: query blocks up to ``EXACT_BLOCK_Q_CPU`` rows."""
+    return cpu_blocks(q.shape[2], v.shape[2], block_q, block_k, max_block_q=EXACT_BLOCK_Q_CPU, tile_macs=EXACT_TILE_MACS)
+
+
 def forward(q, k, v, *, mask, offset, scale, algorithm="auto", block_q=None, block_k=None):
     """Blocked online-softmax forward; see the module docstring."""
-    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2], block_q, block_k)
+    block_q, block_k = _exact_blocks(q, v, block_q, block_k)
     band = full_band(offset, q.shape[1], k.shape[1])
     out, lse = banded_forward(q, k, v, mask, band, scale, block_q, block_k)
     return out, {"lse": lse, "algorithm": "blocked", "block_q": block_q, "block_k": block_k}
@@ -313,6 +318,6 @@ def forward(q, k, v, *, mask, offset, scale, algorithm="auto", block_q=None, blo
 
 def backward(dout, q, k, v, out, res, *, mask, offset, scale, block_q=None, block_k=None, **params):
     """Two-pass blocked backward from the saved logsumexp."""
-    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2], block_q, block_k)
+    block_q, block_k = _exact_blocks(q, v, block_q, block_k)
     band = full_band(offset, q.shape[1], k.shape[1])
     return banded_backward(dout, q, k, v, out, res["lse"], mask, band, scale, block_q, block_k)

@@ -12,7 +12,7 @@ Imported only by the Numba backends, never by ``import eff_attn``.
 - :func:`exp_shifted` is the hot loop of every softmax: ``row <- exp(row - shift)``
   and its sum. Without Intel's SVML, LLVM calls the scalar ``expf`` once per
   element; the float32 version here is a branch-free Cody-Waite reduction, a
-  degree-7 polynomial and ``2**m`` assembled from its bit pattern, in one pass
+  degree-7 polynomial (Estrin's scheme, a short dependency chain) and ``2**m`` assembled from its bit pattern, in one pass
   that LLVM vectorises (relative error below 3e-7 against float64 exp over
   [-87, 0]: 2.97e-7 at most on 4M points, ``tests/test_jit.py``; exactly 0 for ``-inf``). float64
   uses ``np.exp``, so float64 results stay exact.
@@ -157,9 +157,11 @@ def _exp_shifted_impl(row, shift, bits):
                 m = np.floor(x * _LOG2E + np.float32(0.5))                     # x = m ln2 + r, |r| <= ln2 / 2
                 r = x - m * _LN2_HI
                 r = r - m * _LN2_LO
-                p = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
+                r2 = r * r
+                r4 = r2 * r2                                                   # Estrin: p(r) = c0 r^5 + ... + c5 in
+                p = (c0 * r + c1) * r4 + ((c2 * r + c3) * r2 + (c4 * r + c5))  # three levels, not Horner's five
                 m = _minnum(_maxnum(m, np.float32(-127.0)), np.float32(128.0))  # a defined int32, NaN too
-                y = (p * r * r + r + np.float32(1.0)) * _float32_from_bits((np.int32(m) + np.int32(127)) << 23)
+                y = (p * r2 + (r + np.float32(1.0))) * _float32_from_bits((np.int32(m) + np.int32(127)) << 23)
                 row[c] = y                                                     # exp(r) 2**m (0 for m = -127)
                 total += y
             return total

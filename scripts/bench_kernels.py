@@ -24,9 +24,14 @@ GHz is the CPU's nominal clock (``lscpu``'s max MHz if given, else the TSC clock
 BogoMIPS / 2), and FLOP/cycle per core is 2 FMA pipes x 2 FLOP x the float32 lanes of
 the widest vector unit (16 with AVX-512, 8 with AVX2/FMA), i.e. 64 or 32.
 
-**Per method.** Every registered method with a Numba backend, its default
-parameters, float32, 8 heads, D = 64, N = ``--method-n`` (4096): warm median of
-Numba and of NumPy (forward only), and the speed-up.
+**Per method.** Every registered method with a Numba backend (or those named in
+``--methods``), its default parameters, float32, 8 heads, D = 64, N = ``--method-n``
+(4096): warm median of Numba and of NumPy (forward only), the speed-up, and both
+sides' rate in GFLOP/s from the method's analytic ``flops``. Beside them, the
+machine's BLAS rate on the same threads: an (N, 512) x (512, 512) float32 product
+into a preallocated output, through NumPy (compute-bound). A NumPy reference that
+already runs at a large fraction of that rate is bound by its matrix products,
+which no kernel makes several times faster; the table says so with the fraction.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ BLOCK = re.compile(r"(<!-- BEGIN kernels -->\n).*?(<!-- END kernels -->)", re.S)
 CASE_NAMES = {"forward": "forward", "causal": "causal forward", "forward_backward": "forward + backward"}
 HEADS, D = 8, 64
 CASES = ("forward", "causal", "forward_backward")
+BLAS_K = 512                                                               # the BLAS-rate product: (N, 512) x (512, 512)
 
 
 def cpu_peak() -> dict:
@@ -91,7 +97,7 @@ def _interleaved(fns: dict, repeats: int) -> dict:
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     return {name: {"median_s": statistics.median(t), "best_s": min(t), "all_s": t,
-                   "cpu_median_s": statistics.median(cpu[name])} for name, t in times.items()}
+                   "cpu_median_s": statistics.median(cpu[name]), "cpu_best_s": min(cpu[name])} for name, t in times.items()}
 
 
 def exact_vs_sdpa(sizes, repeats: int, peak: float, rows: list, save) -> None:
@@ -145,22 +151,38 @@ def exact_vs_sdpa(sizes, repeats: int, peak: float, rows: list, save) -> None:
     return rows
 
 
-def methods_numba_vs_numpy(N: int, repeats: int, rows: list, save) -> None:
+def blas_rate(N: int, repeats: int) -> float:
+    """GFLOP/s of NumPy's BLAS on an (N, 512) x (512, 512) float32 product into a preallocated output, best of ``repeats``."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((N, BLAS_K), dtype=np.float32)                 # (N, 512)
+    b = rng.standard_normal((BLAS_K, BLAS_K), dtype=np.float32)            # (512, 512)
+    c = np.empty((N, BLAS_K), dtype=np.float32)                            # (N, 512)
+    t = _interleaved({"matmul": lambda: np.matmul(a, b, out=c)}, repeats)["matmul"]["best_s"]
+    return 2 * N * BLAS_K * BLAS_K / t / 1e9
+
+
+def methods_numba_vs_numpy(N: int, repeats: int, rows: list, save, names=None, blas_gflops=None) -> None:
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, HEADS, N, D), dtype=np.float32) for _ in range(3))
-    for name in registry.method_names(builtin_only=True):
-        if registry.get_method(name).impl("numba") is None:
+    for name in names or registry.method_names(builtin_only=True):
+        method = registry.get_method(name)
+        if method.impl("numba") is None:
             continue
         fns = {b: (lambda b=b: eff_attn.attention(q, k, v, method=name, backend=b, rng=0))
                for b in ("numba", "numpy")}
         t = _interleaved(fns, repeats)
-        row = {"method": name, "n": N, "numba_ms": t["numba"]["median_s"] * 1e3,
+        gflop = method.flops(N, N, D, batch=HEADS) / 1e9
+        row = {"method": name, "n": N, "gflop": gflop, "numba_ms": t["numba"]["median_s"] * 1e3,
                "numpy_ms": t["numpy"]["median_s"] * 1e3}
         row["speedup"] = row["numpy_ms"] / row["numba_ms"]
+        row["numba_gflops"] = gflop / t["numba"]["median_s"]
+        row["numpy_gflops"] = gflop / t["numpy"]["median_s"]
+        if blas_gflops:
+            row["numpy_blas_fraction"] = row["numpy_gflops"] / blas_gflops
         rows.append(row)
         save()
         print(f"{name:16s} numba {row['numba_ms']:9.1f} ms  numpy {row['numpy_ms']:9.1f} ms  "
-              f"x{row['speedup']:.1f}", flush=True)
+              f"x{row['speedup']:.1f}  ({row['numba_gflops']:.1f} vs {row['numpy_gflops']:.1f} GFLOP/s)", flush=True)
     return rows
 
 
@@ -184,9 +206,17 @@ def render(result: dict) -> str:
         lines.append("")
     if result["methods"]:
         n = result["methods"][0]["n"]
-        lines += [f"| method (N = {n}, defaults) | Numba (ms) | NumPy (ms) | speed-up |", "|---|---|---|---|"]
+        blas = meta.get("blas_gflops")
+        lines += [f"| method (N = {n}, defaults) | Numba (ms) | NumPy (ms) | speed-up | Numba GFLOP/s | NumPy GFLOP/s "
+                  f"| NumPy / BLAS rate |", "|---|---|---|---|---|---|---|"]
         for row in result["methods"]:
-            lines.append(f"| {row['method']} | {row['numba_ms']:.1f} | {row['numpy_ms']:.1f} | {row['speedup']:.1f}x |")
+            gf = (f"{row['numba_gflops']:.1f} | {row['numpy_gflops']:.1f} | "
+                  f"{100 * row['numpy_blas_fraction']:.0f}%" if "numpy_blas_fraction" in row else "- | - | -")
+            lines.append(f"| {row['method']} | {row['numba_ms']:.1f} | {row['numpy_ms']:.1f} | {row['speedup']:.1f}x | {gf} |")
+        if blas:
+            lines.append("")
+            lines.append(f"*BLAS rate: {blas:.0f} GFLOP/s, NumPy's (N, 512) x (512, 512) float32 product on the same "
+                         f"threads. GFLOP/s use each method's analytic count (its docs page).*")
         lines.append("")
     return "\n".join(lines)
 
@@ -210,6 +240,7 @@ def main(argv=None):
     ap.add_argument("--method-n", type=int, default=4096)
     ap.add_argument("--method-repeats", type=int, default=3)
     ap.add_argument("--no-methods", action="store_true", help="skip the per-method Numba/NumPy table")
+    ap.add_argument("--methods", nargs="+", default=None, help="only these methods in the per-method table")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact vs SDPA table")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--publish", action="store_true", help="only render --out into docs/methods/exact.md")
@@ -246,7 +277,10 @@ def main(argv=None):
     if not args.no_exact:
         exact_vs_sdpa(args.sizes, args.repeats, peak["gflops"], result["exact_vs_sdpa"], save)
     if not args.no_methods:
-        methods_numba_vs_numpy(args.method_n, args.method_repeats, result["methods"], save)
+        result["meta"]["blas_gflops"] = blas_rate(args.method_n, args.method_repeats)
+        print(f"BLAS rate {result['meta']['blas_gflops']:.0f} GFLOP/s", flush=True)
+        methods_numba_vs_numpy(args.method_n, args.method_repeats, result["methods"], save, args.methods,
+                               result["meta"]["blas_gflops"])
     save()
     print(f"wrote {args.out}")
 

@@ -27,8 +27,18 @@ MAX_BLOCK_Q_CPU = 128
 #: a core's L2 cache. Measured on the CPU benchmark machine (N = 4096, D = 64,
 #: 8 heads, float32): (128, 512) tiles ran the forward in 0.234 s and forward plus
 #: backward in 0.893 s, against 0.347 s and 1.303 s for (32, 128) tiles
-#: (docs/methods/exact.md, "What the backends do").
+#: (docs/methods/exact.md, "What the backends do"). Local, entmax and routing
+#: size their tiles by this rule.
 CPU_TILE_MACS = 2**22
+#: Exact attention's own Numba kernels take query blocks twice as tall (and twice
+#: the multiply-adds, about 0.8 MiB of tiles at D = 64, within a 1 MiB L2): OpenBLAS
+#: runs more rows per packed panel of k or v. Measured on the benchmark machine
+#: (N = 4096, D = 64, 8 heads, float32, two threads, interleaved with torch's SDPA on
+#: a shared machine; time relative to SDPA): (256, 512) tiles ran the forward at
+#: 0.95 to 1.00 and forward plus backward at 0.66, against 1.14 and 0.69 for
+#: (128, 512) tiles (``python scripts/tile_sweep.py``).
+EXACT_BLOCK_Q_CPU = 256
+EXACT_TILE_MACS = 2**23
 #: Largest key tile on the GPU, and the byte budget of one (G, Nq, Bk) score tile.
 MAX_BLOCK_K_GPU = 4096
 GPU_TILE_BYTES = 256 * 2**20
@@ -45,13 +55,14 @@ def resolve(problem, *, algorithm="auto", block_q=None, block_k=None) -> dict:
     }
 
 
-def cpu_blocks(D: int, Dv: int, block_q=None, block_k=None) -> tuple[int, int]:
-    """CPU tile sizes: ``Bk = 512`` and the largest power-of-two ``Bq <= 128``
-    with ``Bq * Bk * max(D, Dv) <= 2**22`` (at least 8), unless given."""
+def cpu_blocks(D: int, Dv: int, block_q=None, block_k=None, *, max_block_q=MAX_BLOCK_Q_CPU,
+               tile_macs=CPU_TILE_MACS) -> tuple[int, int]:
+    """CPU tile sizes: ``Bk = 512`` and the largest power-of-two ``Bq <= max_block_q``
+    with ``Bq * Bk * max(D, Dv) <= tile_macs`` (at least 8), unless given."""
     block_k = block_k or DEFAULT_BLOCK_K_CPU
     if block_q is None:
-        block_q = MAX_BLOCK_Q_CPU
-        while block_q > 8 and block_q * block_k * max(D, Dv) > CPU_TILE_MACS:
+        block_q = max_block_q
+        while block_q > 8 and block_q * block_k * max(D, Dv) > tile_macs:
             block_q //= 2
     return block_q, block_k
 

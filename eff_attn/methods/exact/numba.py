@@ -6,7 +6,9 @@ size Nq x Nk is ever allocated: each task holds one (Bq, Bk) score tile.
 Blocking
     ``prange`` over ``G x ceil(Nq / Bq)`` tasks; a task owns one query block
     of one slice and its private running max ``mu``, sum ``l`` and
-    accumulator ``acc``. Tile products are ``np.dot`` through SciPy's BLAS
+    accumulator ``acc``. Within a slice the tasks take the query blocks short
+    and long in turn (:func:`_paired`), so that the threads' contiguous runs of
+    tasks cost the same under a causal mask. Tile products are ``np.dot`` through SciPy's BLAS
     into preallocated buffers, held to one thread while ``prange`` owns the
     cores. Tiles are sized to stay in a core's L2 cache
     (:func:`eff_attn.methods.exact.cpu_blocks`); the exponentials use the
@@ -40,7 +42,7 @@ from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
 from ..._tiles import finish_row, online_softmax_step
-from . import cpu_blocks
+from . import EXACT_BLOCK_Q_CPU, EXACT_TILE_MACS, cpu_blocks
 
 __all__ = ["forward", "backward", "full_band", "banded_forward", "banded_backward"]
 
@@ -49,6 +51,18 @@ __all__ = ["forward", "backward", "full_band", "banded_forward", "banded_backwar
 def _tile(buffer, rows, cols):
     """A C-contiguous (rows, cols) view of the front of a flat buffer."""
     return buffer[: rows * cols].reshape((rows, cols))
+
+
+@serial
+def _paired(task, n_blocks):
+    """Block index of ``task``'s place in the order 0, n-1, 1, n-2, ...: a short and a long block in turn.
+
+    ``prange`` hands each thread a contiguous run of tasks; under a causal mask
+    query block ``b`` costs about ``b + 1`` tiles, so in this order every run
+    holds as many long blocks as short ones, even for a single slice.
+    """
+    b = task % n_blocks
+    return b // 2 if b % 2 == 0 else n_blocks - 1 - b // 2
 
 
 @serial
@@ -76,10 +90,13 @@ def _mask_tile(s, keep, g, i0, j0, o, wL, wR):
     for r in range(bq):
         p = i0 + r + o
         first = min(bk, max(0, p - wL - j0))                               # first column in the band
-        stop = min(bk, max(0, p + wR + 1 - j0))                            # one past the last
-        for c in range(bk):
-            if c < first or c >= stop or (has_mask and not keep[g, j0 + c]):
-                s[r, c] = -np.inf
+        stop = min(bk, max(first, p + wR + 1 - j0))                        # one past the last
+        s[r, :first] = -np.inf                                             # keys before the band
+        s[r, stop:] = -np.inf                                              # keys after it
+        if has_mask:
+            for c in range(first, stop):
+                if not keep[g, j0 + c]:
+                    s[r, c] = -np.inf
 
 
 @kernel
@@ -89,7 +106,7 @@ def _forward_kernel(q, k, v, keep, o, wL, wR, scale, block_q, block_k, out, lse)
     n_blocks = (Nq + block_q - 1) // block_q
     for task in prange(G * n_blocks):
         g = task // n_blocks
-        i0 = (task % n_blocks) * block_q
+        i0 = _paired(task, n_blocks) * block_q
         i1 = min(Nq, i0 + block_q)
         bq = i1 - i0
         qs = q[g, i0:i1] * scale                                           # (Bq, D)
@@ -141,7 +158,7 @@ def _backward_kv_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block
     n_blocks = (Nk + block_k - 1) // block_k
     for task in prange(G * n_blocks):
         g = task // n_blocks
-        j0 = (task % n_blocks) * block_k
+        j0 = _paired(task, n_blocks) * block_k
         j1 = min(Nk, j0 + block_k)
         bk = j1 - j0
         ks = k[g, j0:j1] * scale                                           # (Bk, D)
@@ -178,7 +195,7 @@ def _backward_q_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block_
     n_blocks = (Nq + block_q - 1) // block_q
     for task in prange(G * n_blocks):
         g = task // n_blocks
-        i0 = (task % n_blocks) * block_q
+        i0 = _paired(task, n_blocks) * block_q
         i1 = min(Nq, i0 + block_q)
         bq = i1 - i0
         qs = q[g, i0:i1] * scale                                           # (Bq, D)
@@ -286,9 +303,14 @@ def _slices_fill_the_threads(G: int) -> bool:
     return G % threads == 0 or G >= 2 * threads
 
 
+def _exact_blocks(q, v, block_q, block_k):
+    """Exact attention's tile sizes: query blocks up to ``EXACT_BLOCK_Q_CPU`` rows."""
+    return cpu_blocks(q.shape[2], v.shape[2], block_q, block_k, max_block_q=EXACT_BLOCK_Q_CPU, tile_macs=EXACT_TILE_MACS)
+
+
 def forward(q, k, v, *, mask, offset, scale, algorithm="auto", block_q=None, block_k=None):
     """Blocked online-softmax forward; see the module docstring."""
-    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2], block_q, block_k)
+    block_q, block_k = _exact_blocks(q, v, block_q, block_k)
     band = full_band(offset, q.shape[1], k.shape[1])
     out, lse = banded_forward(q, k, v, mask, band, scale, block_q, block_k)
     return out, {"lse": lse, "algorithm": "blocked", "block_q": block_q, "block_k": block_k}
@@ -296,6 +318,6 @@ def forward(q, k, v, *, mask, offset, scale, algorithm="auto", block_q=None, blo
 
 def backward(dout, q, k, v, out, res, *, mask, offset, scale, block_q=None, block_k=None, **params):
     """Two-pass blocked backward from the saved logsumexp."""
-    block_q, block_k = cpu_blocks(q.shape[2], v.shape[2], block_q, block_k)
+    block_q, block_k = _exact_blocks(q, v, block_q, block_k)
     band = full_band(offset, q.shape[1], k.shape[1])
     return banded_backward(dout, q, k, v, out, res["lse"], mask, band, scale, block_q, block_k)

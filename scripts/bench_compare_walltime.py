@@ -47,8 +47,11 @@ def _run(cache: Path, out: Path) -> dict:
     cells = {}
     for row in payload["rows"]:
         name = f"{row['method']} [{row['backend']}]"
-        cells[name] = {"cell_s": row.get("cell_s"), "compile_s": row.get("compile_s"), "warm_ms": row.get("warm_ms")}
+        cells[name] = {"cell_s": row.get("cell_s"), "cell_cpu_s": row.get("cell_cpu_s"),
+                       "compile_s": row.get("compile_s"), "compile_ahead_s": row.get("compile_ahead_s"),
+                       "warm_ms": row.get("warm_ms")}
     return {"wall_s": wall, "cpu_s": cpu, "load_average_at_start": load, "load_average_at_end": os.getloadavg()[0],
+            "compile_ahead_wall_s": payload["meta"].get("compile_ahead_wall_s"),
             "cells": cells, "skipped": [s["method"] for s in payload.get("skipped", [])]}
 
 

@@ -55,7 +55,25 @@ def render_dist_scaling() -> str:
     return _script("dist_scaling").markdown_table(payload["rows"]) + "\n"
 
 
-RENDERERS = {"dist-scaling": render_dist_scaling}
+def render_compare_walltime() -> str:
+    """Wall and CPU time of the default ``eff-attn compare``, cold and warm (``scripts/bench_compare_walltime.py``)."""
+    payload = json.loads((ROOT / "benchmarks" / "cpu" / "compare-walltime" / "results.json").read_text())
+    env = payload["meta"]["environment"]
+    runs = [("empty Numba cache (cold)", payload["cold_run"])]
+    runs += [(f"warm cache, run {i}", run) for i, run in enumerate(payload["warm_runs"], 1)]
+    lines = ["| run | wall time | CPU time | of which compiling ahead | load average at start |", "|---|---|---|---|---|"]
+    for label, run in runs:
+        ahead = run.get("compile_ahead_wall_s")
+        lines.append(f"| {label} | {run['wall_s']:.0f} s | {run['cpu_s']:.0f} s | "
+                     f"{'-' if not ahead else f'{ahead:.0f} s'} | {run['load_average_at_start']:.2f} |")
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    lines += ["", f"Command: `{payload['meta']['script']}` (runs `eff-attn compare` in fresh processes); "
+              f"raw data: `benchmarks/cpu/compare-walltime/results.json`; {env['cpu']}, {env['cpu_count']} cores, "
+              f"Python {env['python']}, {versions}; {env['date']}."]
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"dist-scaling": render_dist_scaling, "compare-walltime": render_compare_walltime}
 
 
 def _cell(value, spec: str | None) -> str:
@@ -118,7 +136,7 @@ def main(argv=None) -> int:
     mode.add_argument("--check", action="store_true", help="fail if a generated block is out of date")
     mode.add_argument("--survey", action="store_true", help="list hand-typed measured numbers")
     args = parser.parse_args(argv)
-    pages = sorted(DOCS.rglob("*.md"))
+    pages = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
     if args.survey:
         print("\n".join(survey(pages)))
         return 0

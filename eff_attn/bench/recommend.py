@@ -141,9 +141,11 @@ def sweep(problem, *, causal=False, methods=None, backends=("auto",), dtype="flo
                 label = f"{name} {', '.join(f'{k}={v}' for k, v in budget.items()) or 'default'} [{backend}]"
                 if progress is not None:
                     progress(label, 0)
+                start, start_cpu = time.perf_counter(), time.process_time()
                 try:
                     rows.append(_cell(method, dict(budget), backend, arrays, truth, causal=causal, seeds=seeds,
                                       repeats=repeats, time_budget_s=time_budget_s))
+                    rows[-1].update(cell_s=time.perf_counter() - start, cell_cpu_s=time.process_time() - start_cpu)
                 except (NotSupportedError, ValueError) as exc:
                     skipped.append({"method": name, "budget": dict(budget), "backend": backend, "reason": str(exc)})
                 if progress is not None:

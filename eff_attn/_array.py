@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["swap_last"]
+import numpy as np
+
+__all__ = ["swap_last", "to_host"]
 
 
 def swap_last(x):
@@ -11,3 +13,8 @@ def swap_last(x):
     A method call, so NumPy and CuPy arrays alike (``x.mT`` needs NumPy >= 2).
     """
     return x.swapaxes(-1, -2)
+
+
+def to_host(a) -> np.ndarray:
+    """A NumPy copy of a NumPy or CuPy array (CuPy's ``get``; NumPy arrays pass through ``np.asarray``)."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)

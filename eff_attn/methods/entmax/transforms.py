@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ... import interop
+from ..._array import to_host
+from ..._entmax import check_alpha_array
 from ..._validate import _floating_dtype, check_bool, check_float, check_int
 from ...api import _select_impl
 from ...registry import Impl, Method
@@ -101,7 +103,7 @@ class Rows:
 
     def reduce_alpha(self, dalpha_rows):
         """Per-row alpha derivatives (R,) summed to the shape alpha was given in."""
-        d = np.asarray(dalpha_rows.get() if hasattr(dalpha_rows, "get") else dalpha_rows, dtype=np.float64)
+        d = np.asarray(to_host(dalpha_rows), dtype=np.float64)
         d = d.reshape(self.row_shape)
         if self.alpha_shape is None:
             return float(d.sum())
@@ -148,9 +150,7 @@ def _rows(z, mask, axis, alpha, *, alpha_minimum_open, check_finite) -> Rows:
     if np.ndim(alpha) == 0:
         alpha = check_float("alpha", alpha, minimum=1.0, open_min=alpha_minimum_open)
     else:
-        from . import check_alpha_array
-
-        host = alpha.get() if hasattr(alpha, "get") else alpha
+        host = to_host(alpha)
         alpha_shape = tuple(np.shape(host))
         alpha = check_alpha_array(host, moved_shape[:-1], open_min=alpha_minimum_open,
                                   what="z's shape without axis").reshape(R)

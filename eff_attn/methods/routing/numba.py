@@ -39,7 +39,7 @@ from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
 from ..._tiles import finish_row, online_softmax_step
-from ..exact import CPU_TILE_MACS, cpu_blocks
+from ..._tile_sizes import CPU_TILE_MACS, cpu_blocks
 from . import finish_res
 from .plan import (
     argmax_plan,

@@ -23,8 +23,9 @@ from ... import interop, masks
 from ..._validate import check_bool, check_choice, check_float, check_int
 from ...random import as_generator
 from ...registry import Impl, Method, Sharding
-from ..entmax import flops as entmax_flops
-from ..entmax import host, mean_over_slices, threshold_flops, visible_pair_counts
+from ..._array import to_host as host
+from ..._entmax import entmax_attention_flops as entmax_flops
+from ..._entmax import mean_over_slices, threshold_flops, visible_pair_counts
 from .fitting import (
     draw_sparsefinder_negatives,
     fit_centroids,

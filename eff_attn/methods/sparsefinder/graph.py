@@ -24,8 +24,7 @@ import numpy as np
 
 from ..._hashing import inverse_permutation, segment_offsets, stable_key_argsort
 from ...masks import visible_pairs
-from ..entmax import resolve_algorithm
-from ..entmax.reference import entmax_rows
+from ..._entmax import entmax_rows, resolve_algorithm
 
 __all__ = [
     "predictor_code",

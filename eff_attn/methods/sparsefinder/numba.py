@@ -15,7 +15,7 @@ Steps
     groups (``distance`` scans every visible key in ``r`` dimensions;
     ``oracle`` keeps the keys of the dense entmax support). Their scores
     are gathered dot products; the threshold is entmax's row kernel
-    (:func:`eff_attn.methods.entmax.numba.row_threshold`, the sort path at
+    (:func:`eff_attn._entmax_numba.row_threshold`, the sort path at
     alpha = 1.5 and 2); the output sums ``p_j v_j`` over the support.
 
 Memory ``O(E + (Nq + Nk)(r + R t))`` for the plan and ``O(Nk)`` per task.
@@ -29,9 +29,9 @@ import numpy as np
 from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, kernel, serial
-from ..entmax import DEFAULT_N_ITER, resolve_algorithm
-from ..entmax.numba import forward as entmax_forward
-from ..entmax.numba import accumulate_support, row_threshold, row_weights
+from ..._entmax import DEFAULT_N_ITER, resolve_algorithm
+from ..._entmax_numba import accumulate_support, row_threshold, row_weights
+from ..._entmax_numba import forward as entmax_forward
 from . import finish_res
 from .graph import COSINE, GRAPH, GROUPS, ORACLE, SQEUCLIDEAN, position_offset, predictor_code, predictor_plan
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...masks import visible_pairs
-from ..entmax import resolve_algorithm
-from ..entmax.reference import entmax_attention_backward, entmax_rows
+from ..._entmax import entmax_attention_backward, entmax_rows, resolve_algorithm
 from .graph import (
     gold_pairs,
     group_labels,

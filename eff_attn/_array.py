@@ -16,5 +16,9 @@ def swap_last(x):
 
 
 def to_host(a) -> np.ndarray:
-    """A NumPy copy of a NumPy or CuPy array (CuPy's ``get``; NumPy arrays pass through ``np.asarray``)."""
-    return a.get() if hasattr(a, "get") else np.asarray(a)
+    """A NumPy copy of a NumPy, CuPy, torch or JAX array (NumPy arrays pass through ``np.asarray``)."""
+    if hasattr(a, "get"):
+        return a.get()
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)

@@ -35,7 +35,6 @@ from . import masks
 from ._array import swap_last
 from ._softmax import safe_row_max, softmax_attend
 from ._validate import check_choice
-from .masks import visible_pairs
 
 __all__ = [
     "GUARANTEED_ZERO_FILL",

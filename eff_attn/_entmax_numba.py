@@ -38,7 +38,7 @@ from numba import prange
 from ._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
 from ._softmax_numba import blocked_backward, blocked_forward
 from ._tile_sizes import cpu_blocks
-from .masks import visible_counts
+from .masks import as_kernel_mask, visible_counts
 
 __all__ = [
     "row_threshold",
@@ -237,10 +237,6 @@ def _alpha_rows(alpha, R):
     return np.ascontiguousarray(np.broadcast_to(np.asarray(alpha, dtype=np.float64), (R,)))
 
 
-def _keep(mask):
-    return np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
-
-
 def rows_forward(z, mask, alpha, *, algorithm, n_iter, ensure_sum_one):
     """Transform entry point over rows ``z (R, n)``; see :func:`eff_attn.methods.entmax.reference.rows_forward`."""
     (z,) = contiguous(z)
@@ -249,7 +245,7 @@ def rows_forward(z, mask, alpha, *, algorithm, n_iter, ensure_sum_one):
     p = np.empty_like(z)
     tau = np.empty(R, dtype=np.float64)
     support = np.empty(R, dtype=np.int64)
-    _rows_kernel(z, _keep(mask), alphas, algorithm == "sort", n_iter, ensure_sum_one, p, tau, support)
+    _rows_kernel(z, as_kernel_mask(mask), alphas, algorithm == "sort", n_iter, ensure_sum_one, p, tau, support)
     return p, tau.astype(z.dtype), support
 
 
@@ -390,7 +386,7 @@ def _forward_kernel(q, k, v, keep, causal, offset, scale, alpha, use_sort, n_ite
 
 
 def _kernel_args(q, mask, offset, scale):
-    return _keep(mask), offset is not None, 0 if offset is None else int(offset), q.dtype.type(scale)
+    return as_kernel_mask(mask), offset is not None, 0 if offset is None else int(offset), q.dtype.type(scale)
 
 
 def forward(q, k, v, *, mask, offset, scale, alpha, algorithm, n_iter):

@@ -39,6 +39,7 @@ from numba import cuda, float64
 from ._cuda import launch_rows, xp_of
 from ._cuda_device import MAX_THREADS, block_reduce, exp_shift, nan_max
 from ._tile_sizes import gpu_block_k
+from .masks import as_cuda_mask
 
 __all__ = ["blocked_forward", "blocked_backward"]
 
@@ -107,10 +108,6 @@ def _probability_tile(s, lse, keep, has_mask, causal, offset, j0):
             s[g, i, c] = 0
 
 
-def _keep(xp, mask):
-    return (xp.ones((1, 1), dtype=bool), False) if mask is None else (mask, True)
-
-
 def _safe_log(xp, x):
     return xp.where(x > 0, xp.log(xp.where(x > 0, x, 1)), -xp.inf)
 
@@ -125,7 +122,7 @@ def blocked_forward(q, k, v, *, mask, offset, scale, algorithm="blocked", block_
     Nk, Dv = k.shape[1], v.shape[2]
     Bk = block_k or gpu_block_k(G, Nq, q.dtype.itemsize)
     causal = offset is not None
-    keep, has_mask = _keep(xp, mask)
+    keep, has_mask = as_cuda_mask(xp, mask)
     qs = q * q.dtype.type(scale)                                             # (G, Nq, D)
     kT = xp.swapaxes(k, -1, -2)                                              # (G, D, Nk)
     out = xp.empty((G, Nq, Dv), dtype=q.dtype)
@@ -157,7 +154,7 @@ def blocked_backward(dout, q, k, v, out, res, *, mask, offset, scale, block_q=No
     Nk = k.shape[1]
     Bk = block_k or gpu_block_k(G, Nq, q.dtype.itemsize)
     causal = offset is not None
-    keep, has_mask = _keep(xp, mask)
+    keep, has_mask = as_cuda_mask(xp, mask)
     s_ = q.dtype.type(scale)
     qs = q * s_                                                              # (G, Nq, D)
     delta = (dout * out).sum(axis=-1)                                        # (G, Nq)

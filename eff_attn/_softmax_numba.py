@@ -43,6 +43,7 @@ from numba import prange
 from ._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
 from ._tiles import finish_row, online_softmax_step
 from ._tile_sizes import cpu_blocks
+from .masks import as_kernel_mask
 
 __all__ = ["blocked_forward", "blocked_backward", "full_band", "banded_forward", "banded_backward"]
 
@@ -252,10 +253,6 @@ def full_band(offset, Nq: int, Nk: int) -> tuple[int, int, int]:
     return int(offset), max(0, Nq - 1 + int(offset)), 0
 
 
-def _keep(mask):
-    return np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
-
-
 def banded_forward(q, k, v, mask, band, scale, block_q, block_k):
     """Online-softmax forward over the band ``(o, wL, wR)``; returns ``(out, lse)``."""
     q, k, v = contiguous(q, k, v)
@@ -263,7 +260,7 @@ def banded_forward(q, k, v, mask, band, scale, block_q, block_k):
     out = np.empty((G, Nq, v.shape[2]), dtype=q.dtype)
     lse = np.empty((G, Nq), dtype=q.dtype)
     with blas_single_thread():
-        _forward_kernel(q, k, v, _keep(mask), *band, q.dtype.type(scale), block_q, block_k, out, lse)
+        _forward_kernel(q, k, v, as_kernel_mask(mask), *band, q.dtype.type(scale), block_q, block_k, out, lse)
     return out, lse
 
 
@@ -271,7 +268,7 @@ def banded_backward(dout, q, k, v, out, lse, mask, band, scale, block_q, block_k
     """Two-pass backward over the band ``(o, wL, wR)`` from the saved logsumexp."""
     q, k, v, dout = contiguous(q, k, v, dout)
     delta = np.einsum("gid,gid->gi", dout, out)                              # (G, Nq)
-    args = (q, k, v, dout, lse, delta, _keep(mask), *band, q.dtype.type(scale), block_q, block_k)
+    args = (q, k, v, dout, lse, delta, as_kernel_mask(mask), *band, q.dtype.type(scale), block_q, block_k)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     with blas_single_thread():
         if _slices_fill_the_threads(q.shape[0]):                           # one pass, five products per tile

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..._array import to_host as host
+from ..._array import to_host
 from ..._entmax import ALGORITHMS, DEFAULT_ALPHA, DEFAULT_N_ITER, resolve_algorithm, threshold_flops
 from ..._entmax import entmax_attention_flops as flops
 from ..._entmax import check_alpha_array, mean_over_slices, visible_pair_counts
@@ -61,8 +61,8 @@ def resolve(problem, *, alpha=DEFAULT_ALPHA, algorithm="auto", n_iter=DEFAULT_N_
 
 def info(problem, params, res) -> dict:
     support = res["support_size"]                                            # (G, Nq)
-    visible = host(visible_pair_counts(problem))                             # (G,)
-    used = host(support).sum(axis=-1)                                        # (G,)
+    visible = to_host(visible_pair_counts(problem))                          # (G,)
+    used = to_host(support).sum(axis=-1)                                     # (G,)
     sparsity = 1 - used / np.maximum(visible, 1)
     return {
         "algorithm": params["algorithm"],

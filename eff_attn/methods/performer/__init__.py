@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from ... import interop, masks
+from ..._array import to_host
 from ..._validate import check_bool, check_choice, check_float, check_int, check_memory
 from ...random import as_generator, orthogonal_gaussian
 from ...registry import Impl, Method, Sharding
@@ -81,7 +82,7 @@ def draw_performer_features(rng, num_features: int, D: int, *, orthogonal: bool 
 def _check_features(features, problem, num_features):
     """The user's ``features``, as a float64 host array of shape (1 or G, m, D)."""
     arr, _, _ = interop.to_kernel_array(features, "features")
-    arr = np.asarray(arr.get() if hasattr(arr, "get") else arr)
+    arr = to_host(arr)
     if arr.dtype.kind != "f":
         raise TypeError(f"features must be a floating array of shape (..., m, D), got dtype {arr.dtype}")
     if arr.ndim < 2 or arr.shape[-1] != problem.D or arr.shape[-2] < 1:

@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-from ..._array import swap_last
+from ..._array import swap_last, to_host
 from . import causal_layout, feature_ratio, key_shifts, rescale, scan_factors, total_factors
 
 __all__ = [
@@ -172,7 +172,7 @@ def _causal_tril(chunk, xp=np):
 
 def _factors(shifts, causal, xp):
     """Host scan factors of the (device) shifts, back on the device, in the shifts' dtype."""
-    host = shifts.get() if hasattr(shifts, "get") else shifts
+    host = to_host(shifts)
     alpha, beta = scan_factors(host) if causal else (None, total_factors(host))
     to = lambda a: None if a is None else xp.asarray(a).astype(shifts.dtype)  # noqa: E731
     return to(alpha), to(beta)

@@ -32,9 +32,9 @@ import math
 import numpy as np
 
 from ... import masks
+from ..._array import to_host
 from ..._validate import check_bool, check_choice, check_inputs, check_int, check_memory
 from ...registry import Impl, Method, Sharding
-from ...testing import to_host
 from .kmeans import (
     COMMITMENT_BETA,
     DEFAULT_DECAY,

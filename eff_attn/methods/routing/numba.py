@@ -40,6 +40,7 @@ from numba import prange
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
 from ..._tiles import finish_row, online_softmax_step
 from ..._tile_sizes import CPU_TILE_MACS, cpu_blocks
+from ...masks import as_kernel_mask
 from . import finish_res
 from .plan import (
     argmax_plan,
@@ -153,7 +154,7 @@ def _scores(x, mu, head_of):
 def _windows(R, w, dropped, keep_dropped):
     G, _, C = R.shape
     out = np.empty((G, C, w), dtype=np.int64)
-    drop = np.empty((0, 0), dtype=np.bool_) if dropped is None else np.ascontiguousarray(dropped)
+    drop = as_kernel_mask(dropped)
     _top_windows_kernel(R, drop, keep_dropped, w, out)
     return out
 

@@ -20,12 +20,12 @@ import warnings
 import numpy as np
 
 from ... import interop, masks
+from ..._array import to_host
+from ..._entmax import entmax_attention_flops as entmax_flops
+from ..._entmax import mean_over_slices, threshold_flops, visible_pair_counts
 from ..._validate import check_bool, check_choice, check_float, check_int
 from ...random import as_generator
 from ...registry import Impl, Method, Sharding
-from ..._array import to_host as host
-from ..._entmax import entmax_attention_flops as entmax_flops
-from ..._entmax import mean_over_slices, threshold_flops, visible_pair_counts
 from .fitting import (
     draw_sparsefinder_negatives,
     fit_centroids,
@@ -191,7 +191,6 @@ def draw(rng, problem, params) -> dict:
     """
     if params.get("state_source") != "fitted_on_input":
         return {}
-    from ..._cuda import host as to_host
 
     rows, causal = _fit_queries(problem.Nq, problem.Nk, problem.offset)
     q = to_host(problem.unflatten(problem.q))[None][..., rows, :].astype(np.float64)  # (1, *batch, m, D)
@@ -265,14 +264,14 @@ def finish_res(res, q, k, v, out, *, offset, params):
 def info(problem, params, res) -> dict:
     xp = problem.xp
     kpq = res["keys_per_query"]                                                  # (G, Nq)
-    pairs = host(kpq).sum(axis=-1)                                               # (G,)
-    visible = host(visible_pair_counts(problem))                                 # (G,)
+    pairs = to_host(kpq).sum(axis=-1)                                          # (G,)
+    visible = to_host(visible_pair_counts(problem))                            # (G,)
     ok = visible > 0
     support = res["support_size"]                                                # (G, Nq)
     if params["predictor"] == "graph":
         direct = np.zeros(problem.G, dtype=np.int64)
     else:
-        direct = host(xp.broadcast_to(window_global_counts(problem.mask, problem.offset, problem.Nq, problem.Nk,
+        direct = to_host(xp.broadcast_to(window_global_counts(problem.mask, problem.offset, problem.Nq, problem.Nk,
                                                            params["window"], params["global_tokens"], xp),
                                       (problem.G, problem.Nq)).sum(axis=-1))   # (G,)
     qg, kg = res.get("query_groups"), res.get("key_groups")
@@ -281,14 +280,14 @@ def info(problem, params, res) -> dict:
     else:
         space = params["num_clusters"] if params["predictor"] == "kmeans" else int(max(qg.max(), kg.max())) + 1
         q_labels, k_labels, n_groups = labels_from_groups(qg, kg, space, xp)
-        grouped = host(grouped_pair_count(q_labels, k_labels, n_groups, problem.offset, xp))
+        grouped = to_host(grouped_pair_count(q_labels, k_labels, n_groups, problem.offset, xp))
     causal = masks.causal_argument(problem.offset, problem.Nq, problem.Nk)
     out = {
         "predicted_pairs": int(pairs.sum()),
         "keys_per_query": problem.unflatten(kpq),
         "graph_sparsity": mean_over_slices(1 - pairs / np.maximum(visible, 1), ok),
         "support_size": problem.unflatten(support),
-        "output_sparsity": mean_over_slices(1 - host(support).sum(axis=-1) / np.maximum(visible, 1), ok),
+        "output_sparsity": mean_over_slices(1 - to_host(support).sum(axis=-1) / np.maximum(visible, 1), ok),
         "query_groups": None if qg is None else problem.unflatten(qg),
         "key_groups": None if kg is None else problem.unflatten(kg),
         "pairs_with_duplicates": int(grouped.sum()),
@@ -297,7 +296,7 @@ def info(problem, params, res) -> dict:
                                     alpha=params["alpha"]),
     }
     if params["compute_recall"]:
-        hits, gold = host(res["gold_hits"]), host(res["gold_support"])          # (G, Nq)
+        hits, gold = to_host(res["gold_hits"]), to_host(res["gold_support"])    # (G, Nq)
         gold_rows = gold > 0
         out.update(
             recall=mean_over_slices(hits.sum(-1) / np.maximum(gold.sum(-1), 1), gold.sum(-1) > 0),

@@ -28,10 +28,11 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-from ..._jit import blas_single_thread, contiguous, kernel, serial
 from ..._entmax import DEFAULT_N_ITER, resolve_algorithm
 from ..._entmax_numba import accumulate_support, row_threshold, row_weights
 from ..._entmax_numba import forward as entmax_forward
+from ..._jit import blas_single_thread, contiguous, kernel, serial
+from ...masks import as_kernel_mask
 from . import finish_res
 from .graph import COSINE, GRAPH, GROUPS, ORACLE, SQEUCLIDEAN, position_offset, predictor_code, predictor_plan
 
@@ -179,7 +180,7 @@ def forward(q, k, v, *, mask, offset, scale, **params):
     keys_per_query = np.empty((G, Nq), dtype=np.int64)
     support = np.empty((G, Nq), dtype=np.int64)
     gold_hits = np.empty((G, Nq), dtype=np.int64)
-    keep = np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
+    keep = as_kernel_mask(mask)
     window = params["window"]
     with blas_single_thread():
         _sparsefinder_kernel(

@@ -26,7 +26,15 @@ import numpy as np
 
 from ... import interop, masks
 from ..._hashing import MAX_CODE_BITS, sign_bit_codes
-from ..._validate import check_array_shape, check_bool, check_choice, check_float, check_int, check_memory
+from ..._validate import (
+    check_array_shape,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_memory,
+    flatten_leading,
+)
 from ...random import as_generator, random_signs
 from ...registry import Impl, Method, NotSupportedError, Sharding
 
@@ -271,17 +279,6 @@ def _host(a, name) -> np.ndarray:
     return arr.get() if device == "gpu" else arr
 
 
-def _flat_lead(problem, a, tail, name):
-    """``a (..., *tail)`` broadcast to the problem's leading axes, as (G, *tail)."""
-    try:
-        b = np.broadcast_to(a, (*problem.batch_shape, *tail))
-    except ValueError:
-        raise ValueError(
-            f"{name} has shape {a.shape}; its leading axes must broadcast to the inputs' {problem.batch_shape}"
-        ) from None
-    return np.ascontiguousarray(b).reshape(problem.G, *tail)
-
-
 def _given_hyperplanes(problem, hyperplanes, num_hashes, tau):
     R = _host(hyperplanes, "hyperplanes")
     if R.dtype.kind != "f":
@@ -299,7 +296,7 @@ def _given_hyperplanes(problem, hyperplanes, num_hashes, tau):
     if not np.isfinite(R).all():
         raise ValueError("hyperplanes contains NaN or inf")
     R = R.astype(np.float64)
-    flat = R[None] if R.ndim == 3 else _flat_lead(problem, R, R.shape[-3:], "hyperplanes")
+    flat = R[None] if R.ndim == 3 else flatten_leading("hyperplanes", R, problem, R.shape[-3:])
     return m, t, R, flat                                                     # flat: (1 or G, m, tau, D)
 
 
@@ -324,8 +321,8 @@ def _given_codes(problem, codes, num_hashes, tau):
                          f"{arrays[0].shape} and {arrays[1].shape}")
     if num_hashes is not None and num_hashes != m:
         raise ValueError(f"num_hashes={num_hashes} disagrees with codes of {m} hashes")
-    q_codes = _flat_lead(problem, arrays[0].astype(np.int32), (problem.Nq, m), "q_codes")
-    k_codes = _flat_lead(problem, arrays[1].astype(np.int32), (problem.Nk, m), "k_codes")
+    q_codes = flatten_leading("q_codes", arrays[0].astype(np.int32), problem, (problem.Nq, m))
+    k_codes = flatten_leading("k_codes", arrays[1].astype(np.int32), problem, (problem.Nk, m))
     return m, q_codes, k_codes
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _backend, interop, masks
 from ._validate import Problem, check_inputs, value_rescale
-from .registry import BACKENDS, Impl, Method, NotSupportedError, get_method, not_supported_reasons
+from .registry import BACKENDS, Impl, Method, NotSupportedError, get_method, not_supported_reasons, scalar_params
 
 __all__ = ["attention", "attention_vjp", "backends", "prepare", "AUTO_NUMBA_MIN_PAIRS"]
 
@@ -33,6 +33,9 @@ __all__ = ["attention", "attention_vjp", "backends", "prepare", "AUTO_NUMBA_MIN_
 #: problem has at least this many (batch x query x key) pairs; below it the
 #: NumPy reference is faster than a first compilation.
 AUTO_NUMBA_MIN_PAIRS = 1 << 20
+
+#: The name eff_attn.bench.runner uses.
+_scalar_params = scalar_params
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class Call:
         out, res = self.impl.load().forward(
             p.q, p.k, p.v, mask=p.mask, offset=p.offset, scale=p.scale, **self.kwargs
         )
+        if self.method.finish is not None:
+            res = self.method.finish(p, self.kwargs, out, res)
         return (out, res) if self.out_scale == 1 else (out * self.out_scale, res)
 
     def run_backward(self, dout, out, res):
@@ -156,10 +161,6 @@ def prepare(q, k, v, *, method="exact", backend="auto", mask=None, causal=False,
                 v_scale=v_scale, value_degree=degree)
 
 
-def _scalar_params(params: dict) -> dict:
-    return {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str, tuple))}
-
-
 def build_info(call: Call, res: dict) -> dict:
     """The ``info`` dict of a call: the base keys plus the method's own."""
     p = call.problem
@@ -173,11 +174,11 @@ def build_info(call: Call, res: dict) -> dict:
     flops = res.get("flops")
     if flops is None:
         causal = masks.causal_argument(p.offset, p.Nq, p.Nk)
-        flops = m.flops(p.Nq, p.Nk, p.D, p.Dv, batch=p.G, causal=causal, **_scalar_params(call.params))
+        flops = m.flops(p.Nq, p.Nk, p.D, p.Dv, batch=p.G, causal=causal, **scalar_params(call.params))
     return {
         "method": m.name,
         "backend": call.impl.backend,
-        "params": _scalar_params(call.params),
+        "params": scalar_params(call.params),
         "flops": int(flops),
         "empty_rows": p.unflatten(empty),
         **extra,

@@ -88,12 +88,6 @@ ALLOWED_BACKEND_CALLBACKS = (
     "eff_attn.methods.reformer.cupy -> eff_attn.methods.reformer",
     "eff_attn.methods.reformer.numba -> eff_attn.methods.reformer",
     "eff_attn.methods.reformer.reference -> eff_attn.methods.reformer",
-    "eff_attn.methods.routing.cupy -> eff_attn.methods.routing",
-    "eff_attn.methods.routing.numba -> eff_attn.methods.routing",
-    "eff_attn.methods.routing.reference -> eff_attn.methods.routing",
-    "eff_attn.methods.sparsefinder.cupy -> eff_attn.methods.sparsefinder",
-    "eff_attn.methods.sparsefinder.numba -> eff_attn.methods.sparsefinder",
-    "eff_attn.methods.sparsefinder.reference -> eff_attn.methods.sparsefinder",
     "eff_attn.methods.topk_oracle.numba -> eff_attn.methods.topk_oracle",
     "eff_attn.methods.yoso.reference -> eff_attn.methods.yoso",
 )
@@ -101,7 +95,6 @@ ALLOWED_BACKEND_CALLBACKS = (
 #: Import cycles closed only by an import inside a function (they do not break the
 #: import, but the modules cannot be read or changed one at a time).
 ALLOWED_DEFERRED_CYCLES = (
-    "eff_attn.methods.routing <-> eff_attn.methods.routing.reference",
     "eff_attn.methods.sparsefinder <-> eff_attn.methods.sparsefinder.fitting"
     " <-> eff_attn.methods.sparsefinder.graph <-> eff_attn.methods.sparsefinder.reference",
 )

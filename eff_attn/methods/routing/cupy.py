@@ -39,7 +39,6 @@ from numba import cuda, float64, int64
 from ..._array import to_host
 from ..._cuda import launch_rows, threads_per_block, to_xp, xp_of
 from ..._cuda_device import exp_shift, nan_max
-from . import finish_res
 from .plan import (
     argmax_plan,
     balanced_plan,
@@ -375,8 +374,7 @@ def forward(q, k, v, *, mask, offset, scale, assignment, num_clusters, window, u
     saved = {"layout": layout, "tasks": tasks, "ranges": (start, stop), "slot_out": slot_out,
              "slot_lse": slot_lse, "slot_weight": weight}
     stats = plan_statistics(plan, mask, offset, Nq, Nk, xp)
-    return out, finish_res(out, plan, saved, q=q, k=k, v=v, mask=mask, offset=offset, params=params,
-                           assignment=assignment, window=window, xp=xp, stats=stats)
+    return out, {**saved, "plan": plan, "stats": stats}                     # completed by routing.finish
 
 
 def backward(dout, q, k, v, out, res, *, mask, offset, scale, assignment, num_clusters, **params):

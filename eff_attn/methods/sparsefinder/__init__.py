@@ -25,7 +25,7 @@ from ..._entmax import entmax_attention_flops as entmax_flops
 from ..._entmax import mean_over_slices, threshold_flops, visible_pair_counts
 from ..._validate import check_bool, check_choice, check_float, check_int
 from ...random import as_generator
-from ...registry import Impl, Method, Sharding
+from ...registry import Impl, Method, Sharding, scalar_params
 from .fitting import (
     draw_sparsefinder_negatives,
     fit_centroids,
@@ -243,16 +243,15 @@ def flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, alpha=1.
     return int(round(batch * total))
 
 
-def finish_res(res, q, k, v, out, *, offset, params):
-    """The backend-independent tail of every forward: counts, flops, empty rows, error vs dense."""
-    from ...api import _scalar_params
+def finish(problem, params, out, res):
+    """The backend-independent tail of every forward: counts, flops, empty rows, error vs dense.
 
-    G, Nq, D = q.shape
-    Nk, Dv = k.shape[1], v.shape[2]
+    The API calls it after every forward (``Method.finish``)."""
+    G, Nq, Nk, D, Dv, offset = problem.G, problem.Nq, problem.Nk, problem.D, problem.Dv, problem.offset
     res["empty_rows"] = res["keys_per_query"] == 0
     pairs = int(res["keys_per_query"].sum())
     res["flops"] = flops(Nq, Nk, D, Dv, batch=G, causal=masks.causal_argument(offset, Nq, Nk), pairs=pairs,
-                         **_scalar_params(params))
+                         **scalar_params(params))
     if params.get("fitted_state") is not None:
         res["fitted_state"] = params["fitted_state"]
     if "out_dense" in res:
@@ -339,6 +338,7 @@ METHOD = Method(
     resolve=resolve,
     flops=flops,
     info=info,
+    finish=finish,
     draw=draw,
     impls=(
         Impl("numpy", "eff_attn.methods.sparsefinder.reference", check=_check),

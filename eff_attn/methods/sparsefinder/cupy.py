@@ -34,7 +34,6 @@ from ..._cuda import threads_per_block, to_xp, xp_of
 from ..._entmax import DEFAULT_N_ITER, resolve_algorithm
 from ..._entmax_cupy import forward as entmax_forward
 from ..._entmax_cupy import run_row_threshold
-from . import finish_res
 from .graph import (
     COSINE,
     GRAPH,
@@ -283,4 +282,4 @@ def forward(q, k, v, *, mask, offset, scale, **params):
         _launch(_gold_hits_kernel, rows, scores, row_start, float(alpha), Nq, dense["z_max"], dense["tau_shifted"],
                 hits)
         res.update(gold_hits=hits.reshape(G, Nq), gold_support=dense["support_size"], out_dense=dense_out)
-    return out, finish_res(res, q, k, v, out, offset=offset, params=params)
+    return out, res                                                          # completed by sparsefinder.finish

@@ -33,7 +33,6 @@ from ..._entmax_numba import accumulate_support, row_threshold, row_weights
 from ..._entmax_numba import forward as entmax_forward
 from ..._jit import blas_single_thread, contiguous, kernel, serial
 from ...masks import as_kernel_mask
-from . import finish_res
 from .graph import COSINE, GRAPH, GROUPS, ORACLE, SQEUCLIDEAN, position_offset, predictor_code, predictor_plan
 
 __all__ = ["forward"]
@@ -200,4 +199,4 @@ def forward(q, k, v, *, mask, offset, scale, **params):
            "key_groups": plan["key_groups"]}
     if params["compute_recall"]:
         res.update(gold_hits=gold_hits, gold_support=dense["support_size"], out_dense=dense_out)
-    return out, finish_res(res, q, k, v, out, offset=offset, params=params)
+    return out, res                                                          # completed by sparsefinder.finish

@@ -338,8 +338,8 @@ def threshold_flops(algorithm: str, n: float, n_iter: int = DEFAULT_N_ITER) -> f
     return 4 * n_iter + 4
 
 
-def entmax_attention_flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, alpha=DEFAULT_ALPHA, algorithm="auto",
-          n_iter=DEFAULT_N_ITER, **params) -> int:
+def entmax_attention_flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, alpha=DEFAULT_ALPHA,
+                           algorithm="auto", n_iter=DEFAULT_N_ITER, **params) -> int:
     """FLOPs of entmax attention (docs: methods/entmax, "Complexity").
 
     With ``P`` visible pairs the forward costs ``P (2D + 2Dv + c_thr)``, where

@@ -132,6 +132,10 @@ def test_no_method_imports_another_method():
     assert graph.method_to_method(EDGES) == []
 
 
+def test_no_module_imports_a_private_api_name():
+    assert graph.private_api_imports(FILES) == []
+
+
 def test_backend_callbacks_only_shrink():
     assert_only_allowed(graph.backend_callbacks(EDGES), ALLOWED_BACKEND_CALLBACKS,
                         "backend -> api or own package")
@@ -153,6 +157,7 @@ def test_the_rules_catch_a_violation(tmp_path):
         "methods/a/reference.py": "from . import numba, wrapper\nfrom .. import b\n",  # -> backend, package, b
         "methods/a/numba.py": "from eff_attn.api import prepare\n",            # backend -> api
         "methods/b/__init__.py": "from eff_attn import api\n",
+        "methods/b/helpers.py": "from ...api import _select_impl, prepare\n",      # a private api name
     }.items():
         (package / name).parent.mkdir(parents=True, exist_ok=True)
         (package / name).write_text(text)
@@ -162,6 +167,7 @@ def test_the_rules_catch_a_violation(tmp_path):
     assert graph.reference_imports_backend(edges) == ["eff_attn.methods.a.reference -> eff_attn.methods.a.numba"]
     assert graph.core_imports_method(edges) == ["eff_attn.registry -> eff_attn.methods.a.reference"]
     assert graph.method_to_method(edges) == ["eff_attn.methods.a.reference -> eff_attn.methods.b"]
+    assert graph.private_api_imports(files) == ["eff_attn.methods.b.helpers -> eff_attn.api._select_impl"]
     assert graph.backend_callbacks(edges) == ["eff_attn.methods.a.numba -> eff_attn.api",
                                               "eff_attn.methods.a.reference -> eff_attn.methods.a"]
     assert graph.cycles(edges, files, deferred=True) == [                # a -> api only inside a function

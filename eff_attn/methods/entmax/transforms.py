@@ -25,9 +25,9 @@ import numpy as np
 
 from ... import interop
 from ..._array import to_host
+from ..._dispatch import select_impl
 from ..._entmax import check_alpha_array
 from ..._validate import _floating_dtype, check_bool, check_float, check_int
-from ...api import _select_impl
 from ...registry import Impl, Method
 
 #: Bisection steps before the closed-form polish where a backend finds the
@@ -193,7 +193,7 @@ def _run(name, z, *, mask, axis, alpha, algorithm, n_iter, ensure_sum_one, backe
     check_bool("return_info", return_info)
     if algorithm == "bisect" and rows.alpha_shape is None and rows.alpha == 1:
         algorithm = "softmax"
-    impl = _select_impl(TRANSFORMS, backend, rows, {}, with_vjp)
+    impl = select_impl(TRANSFORMS, backend, rows, {}, with_vjp)
     module = impl.load()
     p, tau, support = module.rows_forward(rows.z, rows.mask, rows.alpha, algorithm=algorithm, n_iter=n_iter,
                                           ensure_sum_one=ensure_sum_one)

@@ -33,6 +33,7 @@ import numpy as np
 
 from ... import masks
 from ..._array import to_host
+from ..._dispatch import helper_impl
 from ..._validate import check_bool, check_choice, check_inputs, check_int, check_memory
 from ...registry import Impl, Method, Sharding
 from .kmeans import (
@@ -528,19 +529,12 @@ def route(q, k, state, *, assignment=None, window=None, mask=None, causal=False,
     RoutingPlan
         With the inputs' leading shape; pass it as ``plan=`` to replay.
     """
-    from ... import _backend
-
     if state is None:
         raise ValueError("route needs a state=; make one with init_centroids")
     problem = check_inputs(q, k, k, mask=mask, causal=causal)
     params = resolve(problem, state=state, assignment=assignment, window=window, unrouted=unrouted)
     drawn = draw(None, problem, params)
-    if backend == "auto":
-        backend = "cupy" if problem.device == "gpu" else "numpy"
-    impl = METHOD.impl(check_choice("backend", backend, ("numpy", "numba", "cupy")))
-    ok, why = _backend.available(backend)
-    if not ok:
-        raise ValueError(f"backend={backend!r} is not available: {why}")
+    impl = helper_impl(METHOD, backend, problem)
     plan = impl.load().route(problem.q, problem.k, mask=problem.mask, offset=problem.offset,
                              centroids=drawn["centroids"], head_of=drawn["head_of"],
                              num_clusters=params["num_clusters"], assignment=params["assignment"],

@@ -131,7 +131,10 @@ class RoutingState:
 
 
 def head_index(head_shape, batch_shape) -> np.ndarray:
-    """Index of the centroid head that serves each (batch, head) slice, shape (G,) (:func:`eff_attn._heads.head_index`)."""
+    """Index of the centroid head that serves each (batch, head) slice, shape (G,).
+
+    See :func:`eff_attn._heads.head_index`.
+    """
     return _head_index(head_shape, batch_shape,
                        hint="it must broadcast right-aligned (e.g. () for one set, (heads,) for one set per head)")
 

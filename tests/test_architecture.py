@@ -173,3 +173,37 @@ def test_the_rules_catch_a_violation(tmp_path):
     assert graph.cycles(edges, files, deferred=True) == [                # a -> api only inside a function
         ["eff_attn.api", "eff_attn.methods.a", "eff_attn.methods.a.numba", "eff_attn.methods.a.reference",
          "eff_attn.methods.b", "eff_attn.registry"]]
+
+
+# --- public wrappers: thin, with the api's common arguments and resolve's parameters -------
+
+#: Wrapper defaults that differ from the api's on purpose: Reformer's shared-QK form
+#: ``reformer_attention(q, v=v, shared_qk=True)`` takes no k.
+WRAPPER_DEFAULTS = {"reformer": {"k": None, "v": None}}
+
+
+def _builtin_methods():
+    from eff_attn.registry import METHOD_MODULES
+
+    return sorted(METHOD_MODULES)
+
+
+@pytest.mark.parametrize("name", _builtin_methods())
+def test_public_wrapper_signature_is_the_common_arguments_plus_resolves_keywords(name):
+    import inspect
+
+    from eff_attn.api import attention
+    from eff_attn.registry import METHOD_MODULES, get_method
+
+    method = get_method(name)
+    wrapper = getattr(importlib.import_module(METHOD_MODULES[name].partition(":")[0]), f"{name}_attention")
+    api_params = inspect.signature(attention).parameters
+    common = [api_params[n] for n in ("q", "k", "v", "backend", "mask", "causal", "scale", "rng", "return_info")]
+    common = [p.replace(default=WRAPPER_DEFAULTS[name][p.name]) if p.name in WRAPPER_DEFAULTS.get(name, {}) else p
+              for p in common]
+    own = [p for p in inspect.signature(method.resolve).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+    def described(params):
+        return [(p.name, p.kind, p.default) for p in params]
+
+    assert described(inspect.signature(wrapper).parameters.values()) == described(common + own)

@@ -31,8 +31,8 @@ from numba import cuda, float64
 from ..._cuda import launch_rows, xp_of
 from ..._cuda_device import MAX_THREADS, block_reduce, exp_shift, nan_max
 from ...masks import as_cuda_mask
-from . import DEFAULT_CHUNK, band_result
 from . import reference
+from ._common import DEFAULT_CHUNK, band_result
 
 __all__ = ["forward", "backward"]
 

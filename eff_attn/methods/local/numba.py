@@ -29,7 +29,7 @@ import numpy as np
 
 from ..._softmax_numba import banded_backward, banded_forward
 from ..._tile_sizes import cpu_blocks
-from . import band, band_result
+from ._common import band, band_result
 
 __all__ = ["forward", "backward"]
 

@@ -31,7 +31,7 @@ from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
 from ...masks import as_kernel_mask
-from . import input_scales, segment_bounds
+from ._common import input_scales, segment_bounds
 
 __all__ = ["forward"]
 

@@ -78,9 +78,6 @@ FILES, EDGES = graph.import_graph()
 #: A backend module (reference.py, numba.py, cupy.py) calling back into its method's
 #: ``__init__`` (or into ``eff_attn.api`` / ``eff_attn``, of which there are none left).
 ALLOWED_BACKEND_CALLBACKS = (
-    "eff_attn.methods.reformer.cupy -> eff_attn.methods.reformer",
-    "eff_attn.methods.reformer.numba -> eff_attn.methods.reformer",
-    "eff_attn.methods.reformer.reference -> eff_attn.methods.reformer",
     "eff_attn.methods.topk_oracle.numba -> eff_attn.methods.topk_oracle",
     "eff_attn.methods.yoso.reference -> eff_attn.methods.yoso",
 )

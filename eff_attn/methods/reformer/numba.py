@@ -39,7 +39,7 @@ from numba import prange
 from ..._hashing import inverse_permutation, stable_key_argsort
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
 from ...masks import as_kernel_mask
-from . import SELF_SCORE, assign_buckets, bucket_groups, shared_keys
+from ._common import SELF_SCORE, assign_buckets, bucket_groups, shared_keys
 
 __all__ = ["forward"]
 

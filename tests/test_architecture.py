@@ -79,7 +79,6 @@ FILES, EDGES = graph.import_graph()
 #: ``__init__`` (or into ``eff_attn.api`` / ``eff_attn``, of which there are none left).
 ALLOWED_BACKEND_CALLBACKS = (
     "eff_attn.methods.topk_oracle.numba -> eff_attn.methods.topk_oracle",
-    "eff_attn.methods.yoso.reference -> eff_attn.methods.yoso",
 )
 
 #: Import cycles closed only by an import inside a function (they do not break the

@@ -25,7 +25,7 @@ import numbers
 import numpy as np
 
 from ... import interop, masks
-from ..._hashing import MAX_CODE_BITS, sign_bit_codes
+from ..._hashing import MAX_CODE_BITS
 from ..._validate import (
     check_array_shape,
     check_bool,
@@ -37,6 +37,7 @@ from ..._validate import (
 )
 from ...random import as_generator, random_signs
 from ...registry import Impl, Method, NotSupportedError, Sharding
+from ._common import HASH_DTYPES, unit_rows, yoso_codes
 
 __all__ = [
     "yoso_attention",
@@ -53,7 +54,6 @@ __all__ = [
 
 VARIANTS = ("sampled", "expectation")
 HASH_FAMILIES = ("gaussian", "hadamard")
-HASH_DTYPES = ("float64", "input")
 GRADS = ("surrogate", "exact", "expectation_surrogate")
 
 #: Hashes of the sampled variant: the paper's GLUE and LRA configurations.
@@ -62,10 +62,6 @@ DEFAULT_NUM_HASHES = 32
 MAX_TAU = 20
 #: Largest default ``tau``: the default tables stay at most 2**16 rows.
 MAX_DEFAULT_TAU = 16
-#: The floor of the norms in ``q / max(|q|, EPS)`` and ``u / max(|u|, EPS)``.
-EPS = 1e-12
-#: ``grad="exact"`` caps ``|z|`` here, where ``d arccos(z) / dz`` is still finite.
-EXACT_GRAD_Z_CAP = 1.0 - 1e-6
 
 
 # --------------------------------------------------------------------------------------
@@ -143,34 +139,6 @@ def draw_yoso_hyperplanes(rng, num_hashes, tau, head_dim, *, lead_shape=(), fami
     return np.ascontiguousarray(np.concatenate(rotations, axis=-3)[..., :m, :, :])
 
 
-def yoso_codes(x, hyperplanes, *, hash_dtype="float64") -> np.ndarray:
-    """Bucket codes ``c_h(x) = sum_b 2**b [r_{h,b} . x > 0]`` of every row of ``x``.
-
-    Parameters
-    ----------
-    x : ndarray of shape (..., N, D)
-    hyperplanes : ndarray of shape (..., m, tau, D)
-        Broadcast over the leading axes of ``x``.
-    hash_dtype : {"float64", "input"}, default="float64"
-        Precision of the projections; float64 makes the codes agree across
-        backends.
-
-    Returns
-    -------
-    int32 ndarray of shape (..., N, m), values in ``[0, 2**tau)``
-    """
-    check_choice("hash_dtype", hash_dtype, HASH_DTYPES)
-    x = np.asarray(x)
-    dtype = np.float64 if hash_dtype == "float64" else x.dtype
-    return sign_bit_codes(x, np.asarray(hyperplanes), np, dtype=dtype)
-
-
-def _unit_rows(x, xp=np):
-    """``x / max(|x|, EPS)`` row-wise, and the norms ``|x|``."""
-    norm = xp.sqrt((x * x).sum(axis=-1))                                     # (..., N)
-    return x / xp.maximum(norm, EPS)[..., None], norm
-
-
 def collision_probability(q, k, tau, *, damping=1.0) -> np.ndarray:
     """YOSO-E weights ``P_ij = (1 - arccos(clip(c q^.k^, -1, 1)) / pi)^tau``, without a mask.
 
@@ -190,8 +158,8 @@ def collision_probability(q, k, tau, *, damping=1.0) -> np.ndarray:
     -------
     ndarray of shape (..., Nq, Nk), in ``[0, 1]``
     """
-    q_unit, _ = _unit_rows(np.asarray(q))                                    # (..., Nq, D)
-    k_unit, _ = _unit_rows(np.asarray(k))                                    # (..., Nk, D)
+    q_unit, _ = unit_rows(np.asarray(q))                                    # (..., Nq, D)
+    k_unit, _ = unit_rows(np.asarray(k))                                    # (..., Nk, D)
     x = q_unit @ np.swapaxes(k_unit, -1, -2)                                 # (..., Nq, Nk)
     z = np.clip(damping * x, -1.0, 1.0)                                      # (..., Nq, Nk)
     return (1.0 - np.arccos(z) / np.pi) ** tau                               # (..., Nq, Nk)

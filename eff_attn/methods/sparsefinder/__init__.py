@@ -23,7 +23,7 @@ from ... import interop, masks
 from ..._array import to_host
 from ..._entmax import entmax_attention_flops as entmax_flops
 from ..._entmax import mean_over_slices, threshold_flops, visible_pair_counts
-from ..._validate import check_bool, check_choice, check_float, check_int
+from ..._validate import check_bool, check_choice, check_float, check_inputs, check_int
 from ...random import as_generator
 from ...registry import Impl, Method, Sharding, scalar_params
 from .fitting import (
@@ -41,7 +41,6 @@ from .graph import (
     graph_metrics,
     grouped_pair_count,
     labels_from_groups,
-    predict_graph,
     window_global_counts,
 )
 from .state import SparsefinderState, state_for_batch
@@ -241,6 +240,33 @@ def flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, alpha=1.
     if backward:
         total += E * (6 * D + 4 * Dv + 9)
     return int(round(batch * total))
+
+
+def predict_graph(state, q, k, *, predictor="kmeans", top_clusters=1, threshold=None, metric="sqeuclidean",
+                  bucket_size=16, window=5, global_tokens=0, alpha=None, scale=None, mask=None, causal=False):
+    """The predicted graph ``V_i n (W_i u Gamma_i u Pi_i)`` of Sparsefinder (NumPy, dense).
+
+    Takes the parameters of :func:`eff_attn.sparsefinder_attention`; ``alpha``
+    and ``scale`` matter only for ``predictor="oracle"`` (default: the
+    state's, else 1.5 and ``1/sqrt(D)``).
+
+    Returns
+    -------
+    bool ndarray of shape (..., Nq, Nk)
+    """
+    from .reference import dense_predicted_graph
+
+    if alpha is None:
+        alpha = 1.5 if state is None or state.alpha is None else state.alpha
+    if scale is None and state is not None:
+        scale = state.scale
+    problem = check_inputs(q, k, k, mask=mask, causal=causal, scale=scale)
+    params = resolve(problem, state=state, alpha=alpha, predictor=predictor, top_clusters=top_clusters,
+                     threshold=threshold, metric=metric, bucket_size=bucket_size, window=window,
+                     global_tokens=global_tokens)
+    graph, _, _ = dense_predicted_graph(problem.q, problem.k, mask=problem.mask, offset=problem.offset,
+                                        scale=problem.scale, **params)
+    return problem.unflatten(graph)
 
 
 def finish(problem, params, out, res):

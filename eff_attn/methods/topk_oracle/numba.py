@@ -16,9 +16,11 @@ from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, kernel, serial
 from ...masks import as_kernel_mask
-from . import QUERY_BLOCK
 
 __all__ = ["forward"]
+
+#: Queries per block: the (Bq, Nk) score block is the working set.
+QUERY_BLOCK = 64
 
 
 @serial

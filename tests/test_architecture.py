@@ -72,10 +72,11 @@ def _load_import_graph():
 graph = _load_import_graph()
 FILES, EDGES = graph.import_graph()
 
+
 def test_the_graph_reads_every_module_and_resolves_relative_imports():
     assert {"eff_attn", "eff_attn.api", "eff_attn.registry", "eff_attn.methods.yoso.reference"} <= set(FILES)
     api = {e.target for e in EDGES if e.source == "eff_attn.api"}
-    assert {"eff_attn.registry", "eff_attn._validate", "eff_attn.masks"} <= api
+    assert {"eff_attn.registry", "eff_attn._validate", "eff_attn._dispatch", "eff_attn.masks"} <= api
     yoso_numba = {e.target for e in EDGES if e.source == "eff_attn.methods.yoso.numba"}
     assert "numba" in yoso_numba and "eff_attn._jit" in yoso_numba
 

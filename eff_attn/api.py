@@ -1,8 +1,9 @@
 """One API over every method and backend.
 
-:func:`attention` validates the inputs, resolves the method's parameters,
-picks a backend, draws the method's randomness on the host, runs the
-backend's ``forward`` and returns the output in the caller's framework.
+:func:`attention` validates the inputs, resolves the method's parameters and
+picks a backend (:mod:`eff_attn._dispatch`), draws the method's randomness on
+the host, runs the backend's ``forward`` and then the method's ``finish``
+(``Method.finish``), and returns the output in the caller's framework.
 :func:`attention_vjp` does the same and also returns the pullback, built on
 the backend's ``backward``.
 

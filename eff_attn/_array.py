@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["swap_last"]
+import numpy as np
+
+__all__ = ["swap_last", "to_host"]
 
 
 def swap_last(x):
@@ -11,3 +13,12 @@ def swap_last(x):
     A method call, so NumPy and CuPy arrays alike (``x.mT`` needs NumPy >= 2).
     """
     return x.swapaxes(-1, -2)
+
+
+def to_host(a) -> np.ndarray:
+    """A NumPy copy of a NumPy, CuPy, torch or JAX array (NumPy arrays pass through ``np.asarray``)."""
+    if hasattr(a, "get"):
+        return a.get()
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)

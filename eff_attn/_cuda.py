@@ -101,8 +101,3 @@ def _serialise_simulator_shared_arrays():
 
     array.serialised = True
     kernelapi.FakeCUDAShared.array = array
-
-
-def host(a) -> np.ndarray:
-    """A NumPy copy of ``a`` (CuPy or NumPy)."""
-    return a.get() if hasattr(a, "get") else np.asarray(a)

@@ -28,6 +28,7 @@ __all__ = [
     "check_choice",
     "check_bool",
     "check_array_shape",
+    "flatten_leading",
     "check_memory",
     "memory_limit",
     "value_rescale",
@@ -336,6 +337,17 @@ def check_array_shape(name: str, a, expected: tuple, what: str = ""):
         want = "(..., " + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{name} must have shape {want}{what}, got shape {shape}")
     return a
+
+
+def flatten_leading(name: str, a, problem: Problem, tail: tuple):
+    """``a`` of shape ``(..., *tail)`` broadcast to the problem's leading axes and flattened to ``(G, *tail)``."""
+    try:
+        b = np.broadcast_to(a, (*problem.batch_shape, *tail))
+    except ValueError:
+        raise ValueError(
+            f"{name} has shape {np.shape(a)}; its leading axes must broadcast to the inputs' {problem.batch_shape}"
+        ) from None
+    return np.ascontiguousarray(b).reshape(problem.G, *tail)
 
 
 def _format_bytes(n: int) -> str:

@@ -1,8 +1,9 @@
 """One API over every method and backend.
 
-:func:`attention` validates the inputs, resolves the method's parameters,
-picks a backend, draws the method's randomness on the host, runs the
-backend's ``forward`` and returns the output in the caller's framework.
+:func:`attention` validates the inputs, resolves the method's parameters and
+picks a backend (:mod:`eff_attn._dispatch`), draws the method's randomness on
+the host, runs the backend's ``forward`` and then the method's ``finish``
+(``Method.finish``), and returns the output in the caller's framework.
 :func:`attention_vjp` does the same and also returns the pullback, built on
 the backend's ``backward``.
 
@@ -18,21 +19,16 @@ quantities (the logsumexp, codes, supports) that also feeds ``info``.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import _backend, interop, masks
+from ._dispatch import AUTO_NUMBA_MIN_PAIRS, resolve_params, select_impl
 from ._validate import Problem, check_inputs, value_rescale
-from .registry import BACKENDS, Impl, Method, NotSupportedError, get_method, not_supported_reasons
+from .registry import Impl, Method, get_method, scalar_params
 
 __all__ = ["attention", "attention_vjp", "backends", "prepare", "AUTO_NUMBA_MIN_PAIRS"]
-
-#: ``backend="auto"`` prefers Numba over NumPy for host arrays once the
-#: problem has at least this many (batch x query x key) pairs; below it the
-#: NumPy reference is faster than a first compilation.
-AUTO_NUMBA_MIN_PAIRS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -68,6 +64,8 @@ class Call:
         out, res = self.impl.load().forward(
             p.q, p.k, p.v, mask=p.mask, offset=p.offset, scale=p.scale, **self.kwargs
         )
+        if self.method.finish is not None:
+            res = self.method.finish(p, self.kwargs, out, res)
         return (out, res) if self.out_scale == 1 else (out * self.out_scale, res)
 
     def run_backward(self, dout, out, res):
@@ -94,48 +92,6 @@ def backends() -> dict[str, dict]:
     return _backend.backend_report()
 
 
-def _resolve_params(method: Method, problem: Problem, params: dict) -> dict:
-    accepted = [
-        name for name, p in inspect.signature(method.resolve).parameters.items()
-        if p.kind is p.KEYWORD_ONLY
-    ]
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise TypeError(
-            f"method {method.name!r} has no parameter {', '.join(map(repr, unknown))}; "
-            f"its parameters are: {', '.join(accepted) or '(none)'}"
-        )
-    return method.resolve(problem, **params)
-
-
-def _backend_order(backend: str, problem: Problem) -> list[str]:
-    if backend != "auto":
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not one of 'auto', {', '.join(map(repr, BACKENDS))}")
-        return [backend]
-    if problem.device == "gpu":
-        return ["cupy"]
-    pairs = problem.G * problem.Nq * problem.Nk
-    return ["numba", "numpy"] if pairs >= AUTO_NUMBA_MIN_PAIRS else ["numpy", "numba"]
-
-
-def _select_impl(method: Method, backend: str, problem: Problem, params: dict, need_grad: bool) -> Impl:
-    order = _backend_order(backend, problem)
-    refused = []
-    for name in order:
-        impl = method.impl(name)
-        reasons = ["not implemented"] if impl is None else not_supported_reasons(impl, problem, params, need_grad=need_grad)
-        if not reasons:
-            return impl
-        refused.append(f"  {method.name}/{name}: " + "; ".join(reasons))
-    for impl in method.impls:  # show the user what else could have run
-        if impl.backend not in order:
-            reasons = not_supported_reasons(impl, problem, params, need_grad=need_grad)
-            refused.append(f"  {method.name}/{impl.backend}: " + ("; ".join(reasons) if reasons else "would run"))
-    asked = f"backend={backend!r}"
-    raise NotSupportedError(f"no implementation of {method.name!r} can run these inputs with {asked}:\n" + "\n".join(refused))
-
-
 def prepare(q, k, v, *, method="exact", backend="auto", mask=None, causal=False, scale=None,
             rng=None, check_finite=True, need_grad=False, **params) -> Call:
     """Validate, resolve, dispatch and draw, without running anything.
@@ -148,16 +104,12 @@ def prepare(q, k, v, *, method="exact", backend="auto", mask=None, causal=False,
     if v_scale != 1:  # max |v| near the dtype's range: run on v / 2**e, exactly (see Call)
         problem = replace(problem, v=problem.v / problem.v.dtype.type(v_scale))
     m = get_method(method)
-    resolved = _resolve_params(m, problem, params)
+    resolved = resolve_params(m, problem, params)
     degree = m.value_degree(resolved) if callable(m.value_degree) else m.value_degree
-    impl = _select_impl(m, backend, problem, resolved, need_grad)
+    impl = select_impl(m, backend, problem, resolved, need_grad)
     drawn = m.draw(rng, problem, resolved) if m.draw is not None and problem.G > 0 else {}
     return Call(method=m, impl=impl, problem=problem, params=resolved, kwargs={**resolved, **drawn},
                 v_scale=v_scale, value_degree=degree)
-
-
-def _scalar_params(params: dict) -> dict:
-    return {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str, tuple))}
 
 
 def build_info(call: Call, res: dict) -> dict:
@@ -173,11 +125,11 @@ def build_info(call: Call, res: dict) -> dict:
     flops = res.get("flops")
     if flops is None:
         causal = masks.causal_argument(p.offset, p.Nq, p.Nk)
-        flops = m.flops(p.Nq, p.Nk, p.D, p.Dv, batch=p.G, causal=causal, **_scalar_params(call.params))
+        flops = m.flops(p.Nq, p.Nk, p.D, p.Dv, batch=p.G, causal=causal, **scalar_params(call.params))
     return {
         "method": m.name,
         "backend": call.impl.backend,
-        "params": _scalar_params(call.params),
+        "params": scalar_params(call.params),
         "flops": int(flops),
         "empty_rows": p.unflatten(empty),
         **extra,

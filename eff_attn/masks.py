@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "as_kernel_mask",
+    "as_cuda_mask",
     "causal_offset",
     "causal_argument",
     "query_positions",
@@ -121,3 +123,13 @@ def causal_pair_count(Nq: int, Nk: int, offset: int | None) -> int:
 def masked_scores(scores, visible, xp=np):
     """Scores with invisible pairs set to ``-inf`` (a ``where``, never a product)."""
     return xp.where(visible, scores, -xp.inf)
+
+
+def as_kernel_mask(mask):
+    """A boolean mask as the Numba kernels take it: C-contiguous, or an empty (0, 0) array for None."""
+    return np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
+
+
+def as_cuda_mask(xp, mask):
+    """``(keep, has_mask)`` as the CUDA kernels take them: a (1, 1) placeholder and False for no mask."""
+    return (xp.ones((1, 1), dtype=bool), False) if mask is None else (mask, True)

@@ -28,6 +28,7 @@ __all__ = [
     "register",
     "unregister",
     "not_supported_reasons",
+    "scalar_params",
 ]
 
 
@@ -190,6 +191,13 @@ class Method:
     info : callable, optional
         ``info(problem, params, res) -> dict`` of method diagnostics built
         from the backend's residuals ``res``.
+    finish : callable, optional
+        ``finish(problem, params, out, res) -> dict``: the backend-independent
+        tail of every forward (the FLOP count, the empty rows, statistics of
+        the run), which completes the backend's residuals ``res``.
+        ``params`` holds what the backend received (resolved and drawn).
+        The API calls it after each forward, so that a backend never calls
+        back into its method's package.
     budgets : tuple of dict
         The parameter sweep that ``eff-attn compare`` runs for this method,
         cheapest first. Each dict is a set of keyword arguments.
@@ -217,6 +225,7 @@ class Method:
     impls: tuple[Impl, ...]
     draw: Callable[..., dict] | None = None
     info: Callable[..., dict] | None = None
+    finish: Callable[..., dict] | None = None
     budgets: tuple[dict, ...] = ({},)
     budget_name: str = ""
     compare_defaults: dict = field(default_factory=dict)
@@ -235,6 +244,11 @@ class Method:
 
 
 _RUNTIME = "<registered at run time>"
+
+
+def scalar_params(params: dict) -> dict:
+    """The plain entries of ``params`` (None, bool, int, float, str, tuple): what ``info`` and ``flops`` take."""
+    return {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str, tuple))}
 
 
 def method_names(builtin_only: bool = False) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._array import to_host
 from ._backend import emulate_cupy
 
 __all__ = [
@@ -20,15 +21,6 @@ __all__ = [
     "emulate_cupy",
     "to_host",
 ]
-
-
-def to_host(a) -> np.ndarray:
-    """A NumPy copy of a NumPy, CuPy, torch or JAX array."""
-    if hasattr(a, "get"):
-        return a.get()
-    if hasattr(a, "detach"):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
 
 
 def relative_error(actual, desired) -> float:

@@ -15,6 +15,8 @@ prints:
   module, or the numba or cupy packages);
 - every core module (below the methods: registry, api, validation, masks, ...)
   that imports a method;
+- every import of a private name (``_x``) of ``eff_attn.api``: backend choice
+  and parameter resolution are ``eff_attn._dispatch``'s, not api internals;
 - the lines of each method's ``__init__.py``;
 - the wall time of ``import eff_attn`` in a fresh interpreter (median of
   ``--runs`` runs) and which modules that import loads.
@@ -207,6 +209,25 @@ def core_imports_method(edges: list[Import]) -> list[str]:
                   and not frontend(e.source) and method_of(e.target))
 
 
+def private_api_imports(files: dict[str, Path]) -> list[str]:
+    """``"module -> eff_attn.api._name"`` for every ``from ... api import _name`` outside the api."""
+    found = set()
+    for name, path in files.items():
+        if name == f"{PACKAGE}.api":
+            continue
+        package = name if _is_package(name, files) else name.rpartition(".")[0]
+        for node, _ in _walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            if base == f"{PACKAGE}.api":
+                found.update(f"{name} -> {base}.{a.name}" for a in node.names if a.name.startswith("_"))
+    return sorted(found)
+
+
 def init_lines(files: dict[str, Path]) -> dict[str, int]:
     """Method name -> lines of its ``__init__.py``."""
     return {method_of(name): len(path.read_text(encoding="utf-8").splitlines())
@@ -258,6 +279,7 @@ def main(argv=None) -> None:
     _section("backend -> api / own package imports", backend_callbacks(edges))
     _section("reference -> backend imports", reference_imports_backend(edges))
     _section("core -> method imports", core_imports_method(edges))
+    _section("imports of private api names", private_api_imports(files))
     lines = init_lines(files)
     print(f"\n## lines per method __init__.py: total {sum(lines.values())}")
     for name, n in sorted(lines.items(), key=lambda kv: -kv[1]):

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .. import _backend, api, metrics, registry
+from .. import _backend, _dispatch, api, metrics, registry
 from .._validate import check_inputs
 from ..registry import NotSupportedError
 from .measure import peak_memory, time_call
@@ -229,8 +229,8 @@ def expected_cost(method, budget: dict, n: int, config: CompareConfig) -> float:
     q = np.empty((config.heads, n, config.d), dtype=config.dtype)          # shapes only; never read
     try:
         problem = check_inputs(q, q, q, causal=config.causal, check_finite=False)
-        params = api._resolve_params(method, problem, budget)
-        scalars = api._scalar_params(params)
+        params = _dispatch.resolve_params(method, problem, budget)
+        scalars = registry.scalar_params(params)
         flops = method.flops(n, n, config.d, config.d, batch=config.heads, causal=bool(config.causal), **scalars)
     except Exception:                                                      # the cell will report why
         return _CALL_OVERHEAD_S

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .._dispatch import resolve_params, select_impl
 from .._validate import check_inputs
-from ..api import _resolve_params, _select_impl
 from ..interop import array_module
 from ..registry import Impl, Method
 from .parts import Part, check_declared, take_part
@@ -45,8 +45,8 @@ def prepare(method: Method, problem, *, backend: str, rng, params: dict) -> Prep
     The same three steps as :func:`eff_attn.api.prepare`, with the same
     errors, so at one seed the draws equal the single-machine call's.
     """
-    resolved = _resolve_params(method, problem, params)
-    impl = _select_impl(method, backend, problem, resolved, need_grad=False)
+    resolved = resolve_params(method, problem, params)
+    impl = select_impl(method, backend, problem, resolved, need_grad=False)
     drawn = method.draw(rng, problem, resolved) if method.draw is not None else {}
     return Prepared(impl, {**resolved, **drawn})
 

@@ -428,9 +428,7 @@ class TestKdeformer(BackendCase):
 
     @pytest.mark.parametrize("dtype", [np.float32, np.float64])
     @pytest.mark.parametrize("probs", PROBS)
-    def test_agrees_with_the_numpy_reference_at_a_seed(self, dtype, probs, global_random_seed):
-        if self.BACKEND == "numpy":
-            pytest.skip("the reference itself")
+    def test_agrees_with_the_numpy_reference_at_a_seed(self, dtype, probs, global_random_seed, numpy_reference):
         Nq, Nk = (6, 7) if self.small else (90, 131)
         rng = np.random.default_rng(global_random_seed)
         q, k, v = random_qkv(rng, batch=(2, 2), Nq=Nq, Nk=Nk, D=8, Dv=5, dtype=dtype)
@@ -439,7 +437,7 @@ class TestKdeformer(BackendCase):
             kw.update(rng=global_random_seed, block_size=4 if self.small else 16, num_samples=5 if self.small else 24,
                       probs=probs)
             out, info = self.info(q, k, v, **kw)
-            ref, ref_info = eff_attn.attention(q, k, v, method="kdeformer", backend="numpy", return_info=True, **kw)
+            ref, ref_info = numpy_reference.run(q, k, v, return_info=True, **kw)
             for key in ("hyperplanes", "uniforms", "q_codes", "k_codes", "q_block", "k_block", "sample_idx",
                         "samples_used", "num_block"):
                 assert np.array_equal(to_host(info[key]), ref_info[key]), key

@@ -73,9 +73,6 @@ class TestReformer(BackendCase):
     METHOD = "reformer"
     BACKEND = "numpy"
 
-    def reference(self, q, k, v, **kw):
-        return eff_attn.attention(q, k, v, method="reformer", backend="numpy", **kw)
-
     def buckets_of(self, info):
         return tuple(to_host(b) for b in info["buckets"])
 
@@ -240,30 +237,30 @@ class TestReformer(BackendCase):
     # --- agreement and properties --------------------------------------------------
 
     @pytest.mark.parametrize("shared_qk", [False, True])
-    def test_agrees_with_the_numpy_reference_at_fixed_buckets(self, shared_qk, global_random_seed):
+    def test_agrees_with_the_numpy_reference_at_fixed_buckets(self, shared_qk, global_random_seed, numpy_reference):
         rng = np.random.default_rng(global_random_seed)
         N, c = (7, 2) if self.small else (45, 4)
         q, k, v = random_qkv(rng, batch=(2, 2), Nq=N, D=8, Dv=5)
         k = q if shared_qk else k
         mask = rng.random((2, 1, N)) > 0.2
-        _, info = self.reference(q, k, v, rng=global_random_seed, num_hashes=3, num_buckets=6, chunk_size=c,
-                                 shared_qk=shared_qk, return_info=True)
+        _, info = numpy_reference.run(q, k, v, rng=global_random_seed, num_hashes=3, num_buckets=6, chunk_size=c,
+                                      shared_qk=shared_qk, return_info=True)
         kw = dict(mask=mask, causal=True, shared_qk=shared_qk, chunk_size=c, num_buckets=6, buckets=info["buckets"])
-        ref64 = to_host(self.reference(q, k, v, **kw))
+        ref64 = to_host(numpy_reference.run(q, k, v, **kw))
         assert_close(self.run(q, k, v, **kw), ref64, rel=1e-10)
         q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
         out32 = self.run(q32, k32, v32, **kw)
         assert to_host(out32).dtype == np.float32
-        numpy_error = relative_error(self.reference(q32, k32, v32, **kw), ref64)
+        numpy_error = relative_error(numpy_reference.run(q32, k32, v32, **kw), ref64)
         assert relative_error(out32, ref64) <= 2 * numpy_error + 1e-6
 
-    def test_hashes_agree_with_the_numpy_backend(self, global_random_seed):
+    def test_hashes_agree_with_the_numpy_backend(self, global_random_seed, numpy_reference):
         rng = np.random.default_rng(global_random_seed)
         N = 8 if self.small else 200
         q, k, v = random_qkv(rng, batch=(2,), Nq=N, D=16, dtype=np.float32)
         kw = dict(rng=global_random_seed, num_buckets=16, chunk_size=4, return_info=True)
         _, mine = self.run(q, k, v, **kw)
-        _, ref = self.reference(q, k, v, **kw)
+        _, ref = numpy_reference.run(q, k, v, **kw)
         for b, r in zip(self.buckets_of(mine), self.buckets_of(ref)):
             assert (b == r).mean() >= 0.999
 

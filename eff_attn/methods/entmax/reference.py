@@ -1,23 +1,8 @@
-"""alpha-entmax in NumPy: the transforms, the attention, and their pullbacks.
+"""alpha-entmax attention in NumPy, the textbook way, and the backend entry points.
 
-For a row ``z`` (its visible entries) and ``alpha > 1``, ``beta = 1 / (alpha - 1)``::
-
-    entmax_alpha(z)_j = [(alpha - 1) z_j - tau]_+ ** beta,   tau such that sum_j p_j = 1
-
-Every algorithm works in the shifted units ``x = (alpha - 1) (z - max z)``, where
-``p = [x - tau]_+ ** beta`` and ``-1 <= tau <= -n ** (1 - alpha)``. Entries with
-``x <= -1`` are zero whatever ``tau`` is (the *guaranteed zeros*); masked entries
-are therefore filled with ``x = -2``, which changes nothing.
-
-- ``"sort"`` (alpha = 2 or 1.5): sort ``x`` descending and read ``tau`` off the
-  prefix sums; exact, ``O(n log n)``.
-- ``"bisect"`` (any alpha > 1): halve the bracket ``n_iter`` times, keeping the
-  lower end ``lo`` with ``sum [x - lo]_+ ** beta >= 1``; output at ``lo``.
-- ``"softmax"`` (alpha = 1): the max-shifted softmax of ``exact``; ``tau`` is the
-  logsumexp, so that ``p = exp(z - tau)``.
-
-The pullback of a row is ``dz = u g - u <u, g> / sum(u)`` with ``u = p ** (2 - alpha)``
-on the support and 0 off it. See ``docs/methods/entmax.md``.
+The row transform ``entmax_alpha`` (sort, bisection, softmax), its pullbacks and
+the attention pullback are the NumPy core :mod:`eff_attn._entmax`, which the
+entmax transforms and Sparsefinder share; see ``docs/methods/entmax.md``.
 """
 
 from __future__ import annotations
@@ -25,15 +10,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..._array import swap_last
-from ..._softmax import safe_row_max, softmax_attend
+from ..._entmax import (
+    attention_alpha,
+    entmax_attention_backward,
+    entmax_rows,
+    entmax_rows_alpha_grad,
+    entmax_rows_vjp,
+)
 from ...masks import visible_pairs
 
 __all__ = [
-    "GUARANTEED_ZERO_FILL",
-    "entmax_rows",
-    "entmax_rows_vjp",
-    "entmax_rows_alpha_grad",
-    "entmax_probabilities",
     "entmax_attention_reference",
     "entmax_attention_backward",
     "rows_forward",
@@ -42,206 +28,6 @@ __all__ = [
     "forward",
     "backward",
 ]
-
-#: Shifted value given to masked entries: below the guaranteed-zero bound -1.
-GUARANTEED_ZERO_FILL = -2.0
-
-
-def _per_row(alpha, z, xp):
-    """``alpha`` as a float or an array of shape (..., 1) against rows ``z`` (..., n)."""
-    if np.ndim(alpha) == 0:
-        return float(alpha)
-    return xp.asarray(alpha, dtype=z.dtype)[..., None]                         # (..., 1)
-
-
-def _shifted(z, visible, alpha, xp):
-    """``x = (alpha - 1) (z - max z)`` on visible entries, -2 elsewhere, and the row max."""
-    z = xp.where(visible, z, -xp.inf)                                           # (..., n)
-    z_max = safe_row_max(z, xp)                                                 # (..., 1); 0 on empty rows
-    x = (alpha - 1) * (xp.where(visible, z, z_max) - z_max)                     # (..., n)
-    return xp.where(visible, x, GUARANTEED_ZERO_FILL).astype(z.dtype, copy=False), z_max
-
-
-def _sort_tau(x, alpha, xp):
-    """Exact threshold from the sorted row, alpha = 2 (sparsemax) or 1.5.
-
-    With ``x_(1) >= x_(2) >= ...`` and ``k = 1..n``:
-
-    - alpha = 2: ``c_k = sum_{l<=k} x_(l)``, ``k* = max{k : 1 + k x_(k) > c_k}``,
-      ``tau = (c_k* - 1) / k*``;
-    - alpha = 1.5: prefix means ``mu_k`` of ``x`` and ``m_k`` of ``x**2``,
-      ``delta_k = (1 - k (m_k - mu_k**2)) / k``, ``tau_k = mu_k - sqrt(max(delta_k, 0))``,
-      ``k* = #{k : tau_k <= x_(k)}``, ``tau = tau_k*``.
-    """
-    n = x.shape[-1]
-    xs = -xp.sort(-x, axis=-1)                                                  # (..., n) descending
-    k = xp.arange(1, n + 1, dtype=x.dtype)                                      # (n,)
-    c = xp.cumsum(xs, axis=-1)                                                  # (..., n)
-    if alpha == 2:
-        holds = 1 + k * xs > c                                                  # (..., n)
-        k_star = xp.max(xp.where(holds, k, 1), axis=-1, keepdims=True)          # (..., 1)
-        c_star = xp.take_along_axis(c, k_star.astype(np.int64) - 1, axis=-1)    # (..., 1)
-        return (c_star - 1) / k_star                                            # (..., 1)
-    mu = c / k                                                                  # (..., n)
-    m2 = xp.cumsum(xs * xs, axis=-1) / k                                        # (..., n)
-    delta = (1 - k * (m2 - mu * mu)) / k                                        # (..., n)
-    tau_k = mu - xp.sqrt(xp.maximum(delta, 0))                                  # (..., n)
-    k_star = xp.maximum((tau_k <= xs).sum(axis=-1, keepdims=True), 1)           # (..., 1)
-    return xp.take_along_axis(tau_k, k_star - 1, axis=-1)                       # (..., 1)
-
-
-def _bisect_tau(x, n_visible, alpha, n_iter, xp):
-    """Lower end ``lo`` of the bisection bracket after ``n_iter`` halvings.
-
-    ``lo = -1``, ``hi = -n ** (1 - alpha)``; each step keeps the half on which
-    ``f(m) = sum [x - m]_+ ** beta - 1`` changes sign, testing ``f(m) >= 0``
-    (never ``f(m) f(lo) >= 0``, which drifts once ``f(lo) = 0``).
-    """
-    beta = 1 / (alpha - 1)                                                      # float or (..., 1)
-    n = xp.maximum(n_visible, 1).astype(x.dtype)                                # (..., 1)
-    lo = xp.full(n.shape, -1, dtype=x.dtype)                                    # (..., 1)
-    hi = -(n ** (1 - alpha))                                                    # (..., 1)
-    for _ in range(n_iter):
-        m = (lo + hi) / 2                                                       # (..., 1)
-        mass = (xp.maximum(x - m, 0) ** beta).sum(axis=-1, keepdims=True)      # (..., 1)
-        enough = mass >= 1                                                      # (..., 1)
-        lo = xp.where(enough, m, lo)                                            # (..., 1)
-        hi = xp.where(enough, hi, m)                                            # (..., 1)
-    return lo.astype(x.dtype, copy=False)
-
-
-def entmax_rows(z, visible, alpha, *, algorithm, n_iter=50, ensure_sum_one=True, xp=np):
-    """alpha-entmax of every row of ``z`` over its visible entries.
-
-    Parameters
-    ----------
-    z : ndarray of shape (..., n)
-    visible : bool ndarray broadcastable to (..., n)
-    alpha : float, or ndarray broadcastable to (...)
-        ``alpha >= 1``; per row for ``"bisect"`` (rows with alpha = 1 use softmax).
-    algorithm : {"softmax", "sort", "bisect"}
-        ``"sort"`` needs a scalar alpha of 1.5 or 2.
-    n_iter : int
-        Bisection steps.
-    ensure_sum_one : bool
-        Divide the bisection output by its sum.
-
-    Returns
-    -------
-    p : ndarray of shape (..., n)
-        0 off the visible set and on rows with nothing visible.
-    tau : ndarray of shape (...)
-        In unshifted units: ``p = [(alpha - 1) z - tau]_+ ** beta`` (``exp(z - tau)``
-        at alpha = 1); ``+inf`` on rows with nothing visible.
-    support : int64 ndarray of shape (...)
-        Number of entries with ``p > 0``.
-
-    Time ``O(n log n)`` per row (sort) or ``O(n_iter n)`` (bisect); memory ``O(n)``.
-    """
-    visible = xp.broadcast_to(visible, z.shape)                                 # (..., n)
-    n_visible = visible.sum(axis=-1, keepdims=True)                             # (..., 1)
-    if algorithm == "softmax":
-        _, lse, p = softmax_attend(z, visible, xp.zeros((z.shape[-1], 0), dtype=z.dtype), xp)  # (..., n)
-        tau = xp.where(n_visible[..., 0] > 0, lse, xp.inf)                      # (...)
-        return p, tau.astype(z.dtype, copy=False), n_visible[..., 0].astype(np.int64)
-    a = _per_row(alpha, z, xp)                                                  # float or (..., 1)
-    is_softmax = None
-    if algorithm == "bisect" and np.ndim(alpha) > 0:
-        is_softmax = a == 1                                                     # (..., 1)
-        a = xp.where(is_softmax, 2, a)                                          # (..., 1) placeholder
-    x, z_max = _shifted(z, visible, a, xp)                                      # (..., n), (..., 1)
-    if algorithm == "sort":
-        tau = _sort_tau(x, a, xp)                                               # (..., 1)
-    else:
-        tau = _bisect_tau(x, n_visible, a, n_iter, xp)                          # (..., 1)
-    p = xp.maximum(x - tau, 0) ** (1 / (a - 1))                                 # (..., n)
-    p = xp.where(visible, p, 0).astype(z.dtype, copy=False)                     # (..., n)
-    if algorithm == "bisect" and ensure_sum_one:
-        total = p.sum(axis=-1, keepdims=True)                                   # (..., 1)
-        p = p / xp.where(total > 0, total, 1)                                   # (..., n)
-    support = (p > 0).sum(axis=-1)                                              # (...)
-    tau = tau + (a - 1) * z_max                                                 # (..., 1) unshifted
-    tau = xp.where(n_visible > 0, tau, xp.inf)[..., 0]                          # (...)
-    if is_softmax is not None and bool(is_softmax.any()):
-        p_soft, tau_soft, support_soft = entmax_rows(z, visible, 1.0, algorithm="softmax", xp=xp)
-        p = xp.where(is_softmax, p_soft, p)                                     # (..., n)
-        tau = xp.where(is_softmax[..., 0], tau_soft, tau)                       # (...)
-        support = xp.where(is_softmax[..., 0], support_soft, support)           # (...)
-    return p, tau.astype(z.dtype, copy=False), support.astype(np.int64)
-
-
-def _support_weights(p, alpha, xp):
-    """``u = p ** (2 - alpha)`` on the support, 0 off it (never ``0 ** (2 - alpha)``)."""
-    on = p > 0                                                                  # (..., n)
-    return xp.where(on, xp.where(on, p, 1) ** (2 - alpha), 0).astype(p.dtype, copy=False)
-
-
-def entmax_rows_vjp(p, g, alpha, xp=np):
-    """Pullback of :func:`entmax_rows`: ``dz = u g - u <u, g> / sum(u)``.
-
-    ``J = Diag(u) - u u^T / 1^T u`` is symmetric with ``J 1 = 0``: sparsemax
-    subtracts the support mean, entmax15 has ``u = sqrt(p)``, softmax ``u = p``.
-
-    Parameters
-    ----------
-    p : ndarray of shape (..., n), the forward output
-    g : ndarray of shape (..., n), the cotangent of ``p``
-    alpha : float or ndarray broadcastable to (...)
-
-    Returns
-    -------
-    dz : ndarray of shape (..., n)
-    """
-    u = _support_weights(p, _per_row(alpha, p, xp), xp)                         # (..., n)
-    su = u.sum(axis=-1, keepdims=True)                                          # (..., 1)
-    ug = (u * g).sum(axis=-1, keepdims=True)                                    # (..., 1)
-    return u * g - u * (ug / xp.where(su > 0, su, 1))                           # (..., n)
-
-
-def entmax_rows_alpha_grad(p, g, alpha, xp=np):
-    """Derivative of ``<g, entmax_alpha(z)>`` with respect to alpha, per row.
-
-    With ``p~ = u / sum(u)`` and ``h_j = p_j log p_j`` (0 off the support)::
-
-        dalpha = sum_j g_j [(p_j - p~_j) / (alpha - 1)**2 - (h_j - p~_j sum_k h_k) / (alpha - 1)]
-
-    Returns
-    -------
-    ndarray of shape (...)
-    """
-    a = _per_row(alpha, p, xp)                                                  # float or (..., 1)
-    u = _support_weights(p, a, xp)                                              # (..., n)
-    su = u.sum(axis=-1, keepdims=True)                                          # (..., 1)
-    p_tilde = u / xp.where(su > 0, su, 1)                                       # (..., n)
-    on = p > 0                                                                  # (..., n)
-    h = xp.where(on, p * xp.log(xp.where(on, p, 1)), 0)                        # (..., n)
-    dp = (p - p_tilde) / (a - 1) ** 2 - (h - p_tilde * h.sum(axis=-1, keepdims=True)) / (a - 1)
-    return (g * dp).sum(axis=-1)                                                # (...)
-
-
-def entmax_probabilities(scores, visible, alpha, z_max, tau_shifted, norm, xp=np):
-    """Rebuild the weights from saved row quantities, for the backward passes.
-
-    ``p = [(alpha - 1)(S - z_max) - tau_shifted]_+ ** beta / norm`` on visible entries.
-
-    Parameters
-    ----------
-    scores : ndarray of shape (..., Nq, Nk)
-    visible : bool ndarray broadcastable to (..., Nq, Nk)
-    alpha : float or ndarray broadcastable to (..., Nq)
-    z_max, tau_shifted, norm : ndarray of shape (..., Nq)
-    """
-    a = _per_row(alpha, scores, xp)                                             # float or (..., Nq, 1)
-    x = (a - 1) * (scores - z_max[..., None])                                   # (..., Nq, Nk)
-    p = xp.maximum(x - tau_shifted[..., None], 0) ** (1 / (a - 1))              # (..., Nq, Nk)
-    return xp.where(visible, p, 0) / norm[..., None]                            # (..., Nq, Nk)
-
-
-def _attention_alpha(alpha, q):
-    """Per-slice alpha as a float, or an array of shape (..., 1) against (..., Nq)."""
-    if np.ndim(alpha) == 0:
-        return float(alpha)
-    return np.asarray(alpha, dtype=np.float64).reshape(*np.shape(alpha), 1)      # (..., 1)
 
 
 def entmax_attention_reference(q, k, v, *, mask=None, offset=None, scale, alpha=1.5, algorithm="sort",
@@ -275,31 +61,10 @@ def entmax_attention_reference(q, k, v, *, mask=None, offset=None, scale, alpha=
     Nq, Nk = q.shape[-2], k.shape[-2]
     scores = scale * (q @ swap_last(k))                                         # (..., Nq, Nk)
     visible = visible_pairs(mask, offset, Nq, Nk)                               # (..., Nq, Nk)
-    a = _attention_alpha(alpha, q)                                              # float or (..., 1)
+    a = attention_alpha(alpha, q)                                              # float or (..., 1)
     P, tau, support = entmax_rows(scores, visible, a, algorithm=algorithm, n_iter=n_iter)  # (..., Nq, Nk)
     out = P @ v                                                                 # (..., Nq, Dv)
     return out, P, tau, support
-
-
-def entmax_attention_backward(dout, q, k, v, P, *, scale, alpha, xp=np):
-    """Gradients of entmax attention from its weights ``P`` (the support is held).
-
-    ``dP = dO v^T``, ``dS = u (dP - sum_l u_l dP_l / sum_l u_l)`` row by row
-    (:func:`entmax_rows_vjp`), ``dv = P^T dO``, ``dq = s dS k``, ``dk = s dS^T q``.
-    At alpha = 1 this is the ``exact`` backward. Time ``O(Nq Nk (D + Dv))``.
-
-    Returns
-    -------
-    dq : ndarray of shape (..., Nq, D)
-    dk : ndarray of shape (..., Nk, D)
-    dv : ndarray of shape (..., Nk, Dv)
-    """
-    dP = dout @ swap_last(v)                                                    # (..., Nq, Nk)
-    dS = entmax_rows_vjp(P, dP, _attention_alpha(alpha, q), xp)                 # (..., Nq, Nk)
-    dv = swap_last(P) @ dout                                                    # (..., Nk, Dv)
-    dq = scale * (dS @ k)                                                       # (..., Nq, D)
-    dk = scale * (swap_last(dS) @ q)                                            # (..., Nk, D)
-    return dq, dk, dv
 
 
 # --- backend entry points ------------------------------------------------------------

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ... import interop
+from ..._array import to_host
+from ..._dispatch import select_impl
+from ..._entmax import check_alpha_array
 from ..._validate import _floating_dtype, check_bool, check_float, check_int
-from ...api import _select_impl
 from ...registry import Impl, Method
 
 #: Bisection steps before the closed-form polish where a backend finds the
@@ -101,7 +103,7 @@ class Rows:
 
     def reduce_alpha(self, dalpha_rows):
         """Per-row alpha derivatives (R,) summed to the shape alpha was given in."""
-        d = np.asarray(dalpha_rows.get() if hasattr(dalpha_rows, "get") else dalpha_rows, dtype=np.float64)
+        d = np.asarray(to_host(dalpha_rows), dtype=np.float64)
         d = d.reshape(self.row_shape)
         if self.alpha_shape is None:
             return float(d.sum())
@@ -148,9 +150,7 @@ def _rows(z, mask, axis, alpha, *, alpha_minimum_open, check_finite) -> Rows:
     if np.ndim(alpha) == 0:
         alpha = check_float("alpha", alpha, minimum=1.0, open_min=alpha_minimum_open)
     else:
-        from . import check_alpha_array
-
-        host = alpha.get() if hasattr(alpha, "get") else alpha
+        host = to_host(alpha)
         alpha_shape = tuple(np.shape(host))
         alpha = check_alpha_array(host, moved_shape[:-1], open_min=alpha_minimum_open,
                                   what="z's shape without axis").reshape(R)
@@ -193,7 +193,7 @@ def _run(name, z, *, mask, axis, alpha, algorithm, n_iter, ensure_sum_one, backe
     check_bool("return_info", return_info)
     if algorithm == "bisect" and rows.alpha_shape is None and rows.alpha == 1:
         algorithm = "softmax"
-    impl = _select_impl(TRANSFORMS, backend, rows, {}, with_vjp)
+    impl = select_impl(TRANSFORMS, backend, rows, {}, with_vjp)
     module = impl.load()
     p, tau, support = module.rows_forward(rows.z, rows.mask, rows.alpha, algorithm=algorithm, n_iter=n_iter,
                                           ensure_sum_one=ensure_sum_one)

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..._array import swap_last
 from ..._softmax import safe_log, softmax_attend, softmax_attend_backward
+from ..._tile_sizes import cpu_blocks
 from ...masks import visible_pairs
-from . import cpu_blocks
 
 __all__ = ["exact_naive", "exact_blocked", "exact_backward", "forward", "backward"]
 

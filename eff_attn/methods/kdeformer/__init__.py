@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..._validate import check_choice, check_int, check_memory
+from ..._array import to_host
+from ..._validate import check_choice, check_int, check_memory, flatten_leading
 from ...random import as_generator
 from ...registry import Impl, Method, NotSupportedError, Sharding
 from ._common import (
@@ -114,25 +115,14 @@ def draw_kdeformer_randomness(rng, lead_shape, head_dim, *, num_bits=DEFAULT_NUM
     return KDEformerDraw(hyperplanes=h, uniforms=u)
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 def _flat_lead(name, a, problem, tail_names, tail):
     """Broadcast ``a`` (``(*lead, *tail)`` or ``tail``) to the batch shape; return ``(G, *tail)``."""
-    a = _host(a)
+    a = to_host(a)
     ndim = len(tail)
     if a.ndim < ndim or tuple(a.shape[a.ndim - ndim:]) != tuple(tail):
         want = "(..., " + ", ".join(tail_names) + ") = (..., " + ", ".join(map(str, tail)) + ")"
         raise ValueError(f"{name} must have shape {want}, got shape {a.shape}")
-    try:
-        a = np.broadcast_to(a, (*problem.batch_shape, *tail))
-    except ValueError:
-        raise ValueError(
-            f"{name} has leading axes {a.shape[:a.ndim - ndim]} that do not broadcast to the batch "
-            f"shape {problem.batch_shape}"
-        ) from None
-    return np.ascontiguousarray(a.reshape(problem.G, *tail))
+    return flatten_leading(name, a, problem, tail)
 
 
 def _integer_array(name, a):
@@ -180,7 +170,7 @@ def resolve(problem, *, num_bits=DEFAULT_NUM_BITS, block_size=DEFAULT_BLOCK_SIZE
         params["q_codes"], params["k_codes"] = qc, kc
     if sample_idx is not None:
         idx = _integer_array("sample_idx", _flat_lead("sample_idx", sample_idx, problem, ("m",), (m,)))
-        keep = np.ones((problem.G, problem.Nk), dtype=bool) if problem.mask is None else _host(problem.mask)
+        keep = np.ones((problem.G, problem.Nk), dtype=bool) if problem.mask is None else to_host(problem.mask)
         inside = (idx >= 0) & (idx < problem.Nk)
         if not inside.all() or not np.take_along_axis(keep, np.where(inside, idx, 0), axis=-1).all():
             raise ValueError(f"sample_idx must index kept keys in [0, Nk={problem.Nk}); it holds an index "

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..._array import to_host
 from ..._hashing import MAX_CODE_BITS, sign_bit_codes, stable_key_argsort
 
 __all__ = [
@@ -59,10 +60,6 @@ PILOT_QUERIES = 16
 #: Sort key of a masked key: above every bucket key (codes and their Gray
 #: transforms are below ``2**30``), so the kept keys sort first.
 MASKED_KEY = 1 << MAX_CODE_BITS
-
-
-def _to_host(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def kdeformer_codes(x, hyperplanes, xp=np):
@@ -185,7 +182,7 @@ def block_items(n_kept, Nq: int, Nk: int, block_size: int):
     b_max : int
         Largest key block (``<= block_size``).
     """
-    n_kept = _to_host(n_kept).astype(np.int64)                               # (G,)
+    n_kept = to_host(n_kept).astype(np.int64)                                # (G,)
     n_blocks = (n_kept + block_size - 1) // block_size                       # (G,)
     c_q = -(-Nq // -(-Nk // block_size))
     g = np.repeat(np.arange(n_kept.shape[0]), n_blocks)                      # (B,) slice of each block
@@ -251,7 +248,7 @@ def slice_flops(Nq: int, Nk: int, D: int, Dv: int, *, n_kept: int, num_bits: int
 
 def plan_flops(plan, Nq: int, Nk: int, D: int, Dv: int, **params) -> int:
     """FLOPs of a call: :func:`slice_flops` summed over the slices' kept counts."""
-    counts = np.bincount(_to_host(plan.n_kept).astype(np.int64))               # how many slices keep n keys
+    counts = np.bincount(to_host(plan.n_kept).astype(np.int64))                # how many slices keep n keys
     return int(sum(int(c) * slice_flops(Nq, Nk, D, Dv, n_kept=n, **params)
                    for n, c in enumerate(counts) if c))
 
@@ -303,7 +300,7 @@ def sampling_probabilities(v, keep, probs: str, xp=np, *, q=None, k=None, scale=
     v64 = xp.where(keep[..., None], v, 0).astype(np.float64)                 # (G, Nk, Dv)
     v_tilde = xp.concatenate([v64, ones], axis=-1)                           # (G, Nk, Dv+1); 0 rows if masked
     gram = xp.matmul(xp.swapaxes(v_tilde, -1, -2), v_tilde)                  # (G, Dv+1, Dv+1)
-    lam = np.linalg.eigvalsh(_to_host(gram))[..., -1:]                       # (G, 1) host, exact
+    lam = np.linalg.eigvalsh(to_host(gram))[..., -1:]                        # (G, 1) host, exact
     lam = xp.asarray(np.maximum(lam, 1.0))                                   # (G, 1) >= n >= 1 if kept
     pi = xp.sqrt(sq + 1.0) / lam + inv_n                                     # (G, Nk) |v~_j| / lambda + 1/n
     pi = xp.where(keep, pi, 0.0)                                             # (G, Nk)

@@ -33,7 +33,7 @@ import numpy as np
 from numba import cuda
 
 from ..._cuda import threads_per_block, to_xp, xp_of
-from ..exact import GPU_TILE_BYTES
+from ..._tile_sizes import GPU_TILE_BYTES
 from .reference import kdeformer_reference
 
 __all__ = ["forward", "inverse_cdf_sample_cuda", "TILE_BYTES"]

@@ -21,6 +21,7 @@ import numpy as np
 from ... import masks
 from ..._validate import check_int
 from ...registry import Impl, Method, Sharding
+from ._common import DEFAULT_CHUNK, band, band_key_counts, chunk_geometry
 
 __all__ = [
     "local_attention",
@@ -37,10 +38,6 @@ __all__ = [
 
 #: Keys on each side of a query by default: 257 keys per query.
 DEFAULT_WINDOW = 128
-#: Queries per chunk of the sliding-chunks schedule (NumPy reference and CuPy).
-#: Each chunk computes ``c + wL + wR`` scores per query, so smaller chunks waste
-#: less; 64 rows keep the batched GPU products large enough to run at speed.
-DEFAULT_CHUNK = 64
 
 
 def _window_pair(window) -> tuple[int, int]:
@@ -70,26 +67,6 @@ def resolve(problem, *, window=DEFAULT_WINDOW, block_q=None, block_k=None) -> di
     }
 
 
-def band(offset, Nq: int, Nk: int, window) -> tuple[int, int, int]:
-    """The band ``p_i - wL <= j <= p_i + wR`` as ``(o, wL, wR)``, clipped to what can matter.
-
-    ``o`` is the causal offset, or ``Nk - Nq`` when not causal. A side wider
-    than the distance to the far end of the keys is clipped to it, so no
-    backend ever loops over, or allocates for, keys that do not exist.
-    """
-    o = Nk - Nq if offset is None else int(offset)
-    wL, wR = window
-    wL = min(int(wL), max(0, Nq - 1 + o))         # p_max - wL <= 0 already reaches key 0
-    wR = min(int(wR), max(0, Nk - 1 - o))         # p_min + wR >= Nk - 1 already reaches the last key
-    return o, wL, wR
-
-
-def chunk_geometry(Nq: int, chunk: int, wL: int, wR: int) -> tuple[int, int, int]:
-    """Sliding chunks: ``(c, n_chunks, width)``, with ``width = c + wL + wR`` key slots per chunk."""
-    c = min(chunk, Nq)
-    return c, -(-Nq // c), c + wL + wR
-
-
 def band_pair_count(Nq: int, Nk: int, offset, window) -> int:
     """In-band pairs ``P_loc = sum_i |[p_i - wL, p_i + wR] & [0, Nk)|``, ignoring the key mask."""
     o, wL, wR = band(offset, Nq, Nk, window)
@@ -97,30 +74,6 @@ def band_pair_count(Nq: int, Nk: int, offset, window) -> int:
     lo = np.clip(p - wL, 0, Nk)
     hi = np.clip(p + wR + 1, 0, Nk)
     return int(np.maximum(hi - lo, 0).sum())
-
-
-def band_key_counts(mask, o: int, wL: int, wR: int, Nq: int, Nk: int, xp=np):
-    """Number of kept keys in each query's band, shape (G, Nq) or (Nq,) without a mask.
-
-    Prefix sums of the mask, so O(Nq + Nk): ``count_i = C[hi_i] - C[lo_i]``.
-    """
-    p = xp.arange(Nq) + o                                                   # (Nq,)
-    lo = xp.clip(p - wL, 0, Nk)                                             # (Nq,) first key of the band
-    hi = xp.maximum(xp.clip(p + wR + 1, 0, Nk), lo)                         # (Nq,) one past the last
-    if mask is None:
-        return (hi - lo).astype(np.int64)                                   # (Nq,)
-    prefix = xp.cumsum(mask, axis=-1, dtype=np.int64)                       # (G, Nk)
-    prefix = xp.concatenate([xp.zeros_like(prefix[:, :1]), prefix], axis=-1)  # (G, Nk + 1)
-    return prefix[:, hi] - prefix[:, lo]                                    # (G, Nq)
-
-
-def band_result(res: dict, mask, o, wL, wR, Nq, Nk, xp, computed_pairs: int) -> dict:
-    """Complete a backend's residuals with the band diagnostics every backend reports."""
-    counts = band_key_counts(mask, o, wL, wR, Nq, Nk, xp)                   # (G, Nq) or (Nq,)
-    G = res["lse"].shape[0]
-    counts = xp.broadcast_to(counts, (G, Nq))
-    res.update(counts=counts, empty_rows=counts == 0, computed_pairs=int(computed_pairs))
-    return res
 
 
 def flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, window=DEFAULT_WINDOW, **params) -> int:

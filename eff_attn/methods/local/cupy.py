@@ -30,8 +30,9 @@ from numba import cuda, float64
 
 from ..._cuda import launch_rows, xp_of
 from ..._cuda_device import MAX_THREADS, block_reduce, exp_shift, nan_max
-from . import DEFAULT_CHUNK, band_result
+from ...masks import as_cuda_mask
 from . import reference
+from ._common import DEFAULT_CHUNK, band_result
 
 __all__ = ["forward", "backward"]
 
@@ -94,7 +95,7 @@ def forward(q, k, v, *, mask, offset, scale, window, block_q=None, block_k=None)
     G, Nq, _ = q.shape
     Nk = k.shape[1]
     ch = reference.SlidingChunks(q, k, v, mask, offset, window, block_q or DEFAULT_CHUNK, xp)
-    keep, has_mask = (xp.ones((1, 1), dtype=bool), False) if mask is None else (mask, True)
+    keep, has_mask = as_cuda_mask(xp, mask)
     scores = xp.matmul(ch.q * q.dtype.type(scale), xp.swapaxes(ch.k, -1, -2))  # (G, n_ch, c, W)
     lse = xp.empty((G, ch.n_ch, ch.c), dtype=q.dtype)                          # (G, n_ch, c)
     launch_rows(_band_softmax, G * ch.n_ch * ch.c, scores, keep, has_mask, ch.start, ch.wL + ch.wR, Nq, Nk, lse)

@@ -1,7 +1,7 @@
 """Local attention on the CPU: exact attention's banded online-softmax kernels, O(Nq w).
 
 Matches :func:`eff_attn.methods.local.reference.local_reference`. The
-kernels are exact attention's (:func:`eff_attn.methods.exact.numba.banded_forward`
+kernels are exact attention's (:func:`eff_attn._softmax_numba.banded_forward`
 and ``banded_backward``), which attend over a band of positions; exact
 attention runs them with the band that holds every key, this module with
 the window ``(wL, wR)``. No array larger than one (Bq, Bk) tile per task
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..exact import cpu_blocks
-from ..exact.numba import banded_backward, banded_forward
-from . import band, band_result
+from ..._softmax_numba import banded_backward, banded_forward
+from ..._tile_sizes import cpu_blocks
+from ._common import band, band_result
 
 __all__ = ["forward", "backward"]
 

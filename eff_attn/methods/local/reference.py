@@ -28,7 +28,7 @@ import numpy as np
 
 from ..._array import swap_last
 from ..._softmax import softmax_attend, softmax_attend_backward
-from . import DEFAULT_CHUNK, band, band_result, chunk_geometry
+from ._common import DEFAULT_CHUNK, band, band_result, chunk_geometry
 
 __all__ = ["SlidingChunks", "sliding_windows", "overlap_add", "band_visibility", "local_reference", "local_backward",
            "forward", "backward"]

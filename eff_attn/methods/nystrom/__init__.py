@@ -9,12 +9,11 @@ are linear in N. See ``docs/methods/nystrom.md`` for the derivation.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ...registry import Impl, Method, NotSupportedError, Sharding
 from ..._validate import check_choice, check_int
+from ._common import input_scales, segment_bounds
 
 __all__ = ["nystrom_attention", "flops", "resolve", "segment_bounds", "input_scales", "METHOD",
            "DEFAULT_LANDMARKS", "DEFAULT_PINV_ITERS"]
@@ -44,25 +43,6 @@ def resolve(problem, *, num_landmarks=None, pinv="iterative", pinv_iters=DEFAULT
         "pinv": check_choice("pinv", pinv, PINV_MODES),
         "pinv_iters": check_int("pinv_iters", pinv_iters, minimum=0),
     }
-
-
-def segment_bounds(N: int, m: int, xp=np):
-    """Floor segment boundaries ``b_t = floor(t N / m)``, ``t = 0..m``, shape (m + 1,).
-
-    Segment ``t`` is ``[b_t, b_{t+1})``; with ``1 <= m <= N`` none is empty.
-    """
-    return (xp.arange(m + 1, dtype=np.int64) * N) // m
-
-
-def input_scales(scale: float) -> tuple[float, float]:
-    """Factors ``(a_q, a_k)`` with ``a_q a_k = scale``, applied to q and k.
-
-    ``sqrt(s)`` each (``D**-0.25`` at the default scale); a negative scale
-    keeps its sign on the queries. The landmarks are linear means, so any
-    split gives the same scores; the even split keeps both sides at one size.
-    """
-    root = math.sqrt(abs(scale))
-    return math.copysign(root, scale), root
 
 
 def flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, num_landmarks=DEFAULT_LANDMARKS,

@@ -30,7 +30,8 @@ import numpy as np
 from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
-from . import input_scales, segment_bounds
+from ...masks import as_kernel_mask
+from ._common import input_scales, segment_bounds
 
 __all__ = ["forward"]
 
@@ -189,7 +190,7 @@ def forward(q, k, v, *, mask, offset, scale, num_landmarks, pinv="iterative", pi
     Nk, Dv = k.shape[1], v.shape[2]
     m = num_landmarks
     a_q, a_k = (q.dtype.type(a) for a in input_scales(scale))
-    keep = np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
+    keep = as_kernel_mask(mask)
     q_hat = np.empty((G, m, D), dtype=q.dtype)
     k_hat = np.empty((G, m, D), dtype=q.dtype)
     valid_q = np.empty((G, m), dtype=np.bool_)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..._array import swap_last
 from ..._softmax import masked_softmax, masked_softmax_backward, softmax_attend
-from . import input_scales, segment_bounds
+from ._common import input_scales, segment_bounds
 
 __all__ = [
     "averaging_matrix",

@@ -40,7 +40,7 @@ import numpy as np
 from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
-from . import causal_layout, feature_ratio, key_shifts, scan_factors, total_factors
+from ._common import causal_layout, feature_ratio, key_shifts, scan_factors, total_factors
 from .reference import add_shift_gradients
 
 __all__ = ["forward", "backward"]

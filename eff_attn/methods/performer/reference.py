@@ -40,8 +40,8 @@ import math
 
 import numpy as np
 
-from ..._array import swap_last
-from . import causal_layout, feature_ratio, key_shifts, rescale, scan_factors, total_factors
+from ..._array import swap_last, to_host
+from ._common import causal_layout, feature_ratio, key_shifts, rescale, scan_factors, total_factors
 
 __all__ = [
     "feature_logits",
@@ -118,7 +118,7 @@ def chunk_states(k, v, mask, omega, sqrt_s, *, n_c, chunk, variant, eps, ratio, 
         ``ratio (exp(lambda(k_j) - s_c) + eps)`` on kept keys, 0 on masked
         keys and padding.
     shifts : array of shape (G, n_c)
-        ``s_c`` (see :func:`eff_attn.methods.performer.key_shifts`).
+        ``s_c`` (see :func:`eff_attn.methods.performer._common.key_shifts`).
     vx : array of shape (G, n_c, C, Dv + 1)
         ``[v, 1]`` on kept keys, 0 elsewhere.
     S : array of shape (G, n_c, m, Dv + 1)
@@ -172,7 +172,7 @@ def _causal_tril(chunk, xp=np):
 
 def _factors(shifts, causal, xp):
     """Host scan factors of the (device) shifts, back on the device, in the shifts' dtype."""
-    host = shifts.get() if hasattr(shifts, "get") else shifts
+    host = to_host(shifts)
     alpha, beta = scan_factors(host) if causal else (None, total_factors(host))
     to = lambda a: None if a is None else xp.asarray(a).astype(shifts.dtype)  # noqa: E731
     return to(alpha), to(beta)

@@ -29,7 +29,8 @@ import numpy as np
 from numba import cuda
 
 from ..._cuda import launch_rows, threads_per_block, xp_of
-from . import SELF_SCORE, reference
+from . import reference
+from ._common import SELF_SCORE
 
 __all__ = ["forward", "backward"]
 

@@ -38,7 +38,8 @@ from numba import prange
 
 from ..._hashing import inverse_permutation, stable_key_argsort
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
-from . import SELF_SCORE, assign_buckets, bucket_groups, shared_keys
+from ...masks import as_kernel_mask
+from ._common import SELF_SCORE, assign_buckets, bucket_groups, shared_keys
 
 __all__ = ["forward"]
 
@@ -227,7 +228,7 @@ def forward(q, k, v, *, mask, offset, scale, num_hashes, num_buckets, chunk_size
     chunk_k = chunk_q if shared_qk else inverse_permutation(perm_k) // chunk_size
     G, N, Dv = v.shape
     R = num_hashes
-    keep = np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
+    keep = as_kernel_mask(mask)
     out_r = np.empty((G, R, N, Dv), dtype=q.dtype)
     lse_r = np.empty((G, R, N), dtype=q.dtype)
     share_r = np.empty((G, R, N), dtype=np.float64)

@@ -33,7 +33,7 @@ import numpy as np
 from ..._array import swap_last
 from ..._hashing import inverse_permutation, stable_key_argsort
 from ..._softmax import safe_log, softmax_attend
-from . import SELF_SCORE, assign_buckets, shared_keys
+from ._common import SELF_SCORE, assign_buckets, shared_keys
 
 __all__ = [
     "sort_into_chunks",

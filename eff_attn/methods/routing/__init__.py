@@ -32,9 +32,10 @@ import math
 import numpy as np
 
 from ... import masks
+from ..._array import to_host
+from ..._dispatch import helper_impl
 from ..._validate import check_bool, check_choice, check_inputs, check_int, check_memory
 from ...registry import Impl, Method, Sharding
-from ...testing import to_host
 from .kmeans import (
     COMMITMENT_BETA,
     DEFAULT_DECAY,
@@ -247,21 +248,23 @@ def flops_fit(G, Nq, Nk, D, C, iters=KMEANS_ITERS) -> int:
     return int(iters * 2 * (Nq + Nk) * C * D * G)
 
 
-def finish_res(out, plan, saved, *, q, k, v, mask, offset, params, assignment, window, xp, stats=None) -> dict:
-    """The residuals every backend returns: the plan, its statistics, the
-    true FLOP count, the empty rows and the state."""
-    G, Nq, D = q.shape
-    Nk, Dv = k.shape[1], v.shape[2]
+def finish(problem, params, out, res) -> dict:
+    """Complete a backend's residuals (``plan``, optionally ``stats``, and what its
+    backward needs): the plan's statistics, the true FLOP count, the empty rows
+    and the state. The API calls it after every forward (``Method.finish``)."""
+    G, Nq, Nk, D, Dv = problem.G, problem.Nq, problem.Nk, problem.D, problem.Dv
+    plan, offset = res["plan"], problem.offset
+    stats = res.get("stats")
     if stats is None:
-        stats = plan_statistics(plan, mask, offset, Nq, Nk, xp)
+        stats = plan_statistics(plan, problem.mask, offset, Nq, Nk, problem.xp)
     pairs = int(stats["pairs_row"].sum())
-    res = dict(saved)
+    res = dict(res)
     res.update(
-        plan=plan,
         stats=stats,
         empty_rows=stats["served"] == 0,
         flops=flops(Nq, Nk, D, Dv, batch=G, causal=masks.causal_argument(offset, Nq, Nk),
-                    num_clusters=plan.num_clusters, window=window, assignment=assignment, pairs=pairs),
+                    num_clusters=plan.num_clusters, window=params["window"], assignment=params["assignment"],
+                    pairs=pairs),
         state=params.get("state"),
         state_source=params.get("state_source"),
     )
@@ -404,6 +407,7 @@ METHOD = Method(
     resolve=resolve,
     flops=flops,
     info=info,
+    finish=finish,
     draw=draw,
     impls=(
         Impl("numpy", "eff_attn.methods.routing.reference", check=_causality_reasons),
@@ -525,19 +529,12 @@ def route(q, k, state, *, assignment=None, window=None, mask=None, causal=False,
     RoutingPlan
         With the inputs' leading shape; pass it as ``plan=`` to replay.
     """
-    from ... import _backend
-
     if state is None:
         raise ValueError("route needs a state=; make one with init_centroids")
     problem = check_inputs(q, k, k, mask=mask, causal=causal)
     params = resolve(problem, state=state, assignment=assignment, window=window, unrouted=unrouted)
     drawn = draw(None, problem, params)
-    if backend == "auto":
-        backend = "cupy" if problem.device == "gpu" else "numpy"
-    impl = METHOD.impl(check_choice("backend", backend, ("numpy", "numba", "cupy")))
-    ok, why = _backend.available(backend)
-    if not ok:
-        raise ValueError(f"backend={backend!r} is not available: {why}")
+    impl = helper_impl(METHOD, backend, problem)
     plan = impl.load().route(problem.q, problem.k, mask=problem.mask, offset=problem.offset,
                              centroids=drawn["centroids"], head_of=drawn["head_of"],
                              num_clusters=params["num_clusters"], assignment=params["assignment"],

@@ -36,9 +36,9 @@ import math
 import numpy as np
 from numba import cuda, float64, int64
 
+from ..._array import to_host
 from ..._cuda import launch_rows, threads_per_block, to_xp, xp_of
 from ..._cuda_device import exp_shift, nan_max
-from . import finish_res
 from .plan import (
     argmax_plan,
     balanced_plan,
@@ -306,10 +306,6 @@ def _combine_rows(src, weight, perm, off, dst):
 # --- host side ----------------------------------------------------------------------
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 def _ragged_threads():
     return threads_per_block(RAGGED_THREADS)
 
@@ -328,7 +324,7 @@ def _combine(xp, src, weight, perm, off, N):
 def _query_ranges(layout, C, window_rows):
     """Host ``(start, stop)`` of each cluster's ragged query slots (G, C); balanced windows skip their
     ``wQ`` window slots, which run as static batched products."""
-    qoff = _host(layout.qoff)
+    qoff = to_host(layout.qoff)
     return qoff[:, :C] + window_rows, qoff[:, 1 : C + 1]
 
 
@@ -368,7 +364,7 @@ def forward(q, k, v, *, mask, offset, scale, assignment, num_clusters, window, u
         slot_out[:, : layout.window_slots] = O.reshape(G, -1, Dv)
         slot_lse[:, : layout.window_slots] = lse.reshape(G, -1)
     start, stop = _query_ranges(layout, C, window_rows)
-    k_count = np.diff(_host(layout.koff), axis=-1)[:, :C]
+    k_count = np.diff(to_host(layout.koff), axis=-1)[:, :C]
     tasks = tile_tasks(start, stop - start, k_count, _ragged_threads())
     causal, off, s = _kernel_args(offset, scale)
     _launch(_ragged_forward, tasks, q, k, v, layout.qrow, layout.qperm, layout.krow, layout.kperm, layout.koff,
@@ -378,8 +374,7 @@ def forward(q, k, v, *, mask, offset, scale, assignment, num_clusters, window, u
     saved = {"layout": layout, "tasks": tasks, "ranges": (start, stop), "slot_out": slot_out,
              "slot_lse": slot_lse, "slot_weight": weight}
     stats = plan_statistics(plan, mask, offset, Nq, Nk, xp)
-    return out, finish_res(out, plan, saved, q=q, k=k, v=v, mask=mask, offset=offset, params=params,
-                           assignment=assignment, window=window, xp=xp, stats=stats)
+    return out, {**saved, "plan": plan, "stats": stats}                     # completed by routing.finish
 
 
 def backward(dout, q, k, v, out, res, *, mask, offset, scale, assignment, num_clusters, **params):
@@ -409,7 +404,7 @@ def backward(dout, q, k, v, out, res, *, mask, offset, scale, assignment, num_cl
     start, stop = res["ranges"]
     _launch(_ragged_backward_q, res["tasks"], q, k, v, layout.qrow, layout.qperm, layout.krow, layout.kperm,
             layout.koff, to_xp(xp, res["tasks"]), causal, off, s, d_slot, slot_lse, delta, dq_slot)
-    koff = _host(layout.koff)
+    koff = to_host(layout.koff)
     key_tasks = tile_tasks(koff[:, :C], np.diff(koff, axis=-1)[:, :C], stop - start, _ragged_threads())
     _launch(_ragged_backward_kv, key_tasks, q, k, v, layout.qrow, layout.qperm, to_xp(xp, start), to_xp(xp, stop),
             layout.krow, layout.kperm, to_xp(xp, key_tasks), causal, off, s, d_slot, slot_lse, delta, dk_slot, dv_slot)

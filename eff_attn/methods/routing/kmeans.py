@@ -32,9 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..._array import to_host
+from ..._heads import head_index as _head_index
 from ..._validate import check_float, check_int
 from ...random import as_generator
-from ...testing import to_host
 
 __all__ = [
     "RoutingState",
@@ -130,28 +131,12 @@ class RoutingState:
 
 
 def head_index(head_shape, batch_shape) -> np.ndarray:
-    """Index of the state head that serves each (batch, head) slice, shape (G,).
+    """Index of the centroid head that serves each (batch, head) slice, shape (G,).
 
-    ``head_shape`` broadcasts right-aligned against ``batch_shape``; the heads
-    are numbered in C order.
-
-    Raises
-    ------
-    ValueError
-        If ``head_shape`` does not broadcast to ``batch_shape``.
+    See :func:`eff_attn._heads.head_index`.
     """
-    head_shape, batch_shape = tuple(head_shape), tuple(batch_shape)
-    try:
-        ok = np.broadcast_shapes(head_shape, batch_shape) == batch_shape
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"the state's head shape {head_shape} does not broadcast to the inputs' leading axes {batch_shape}; "
-            "it must broadcast right-aligned (e.g. () for one set, (heads,) for one set per head)"
-        )
-    heads = np.arange(math.prod(head_shape), dtype=np.int64).reshape(head_shape)
-    return np.ascontiguousarray(np.broadcast_to(heads, batch_shape)).reshape(-1)
+    return _head_index(head_shape, batch_shape,
+                       hint="it must broadcast right-aligned (e.g. () for one set, (heads,) for one set per head)")
 
 
 def _normalize(x):

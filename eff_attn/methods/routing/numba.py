@@ -39,8 +39,8 @@ from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
 from ..._tiles import finish_row, online_softmax_step
-from ..exact import CPU_TILE_MACS, cpu_blocks
-from . import finish_res
+from ..._tile_sizes import CPU_TILE_MACS, cpu_blocks
+from ...masks import as_kernel_mask
 from .plan import (
     argmax_plan,
     balanced_plan,
@@ -153,7 +153,7 @@ def _scores(x, mu, head_of):
 def _windows(R, w, dropped, keep_dropped):
     G, _, C = R.shape
     out = np.empty((G, C, w), dtype=np.int64)
-    drop = np.empty((0, 0), dtype=np.bool_) if dropped is None else np.ascontiguousarray(dropped)
+    drop = as_kernel_mask(dropped)
     _top_windows_kernel(R, drop, keep_dropped, w, out)
     return out
 
@@ -437,8 +437,7 @@ def forward(q, k, v, *, mask, offset, scale, assignment, num_clusters, window, u
     weight = _slot_weights(layout, slot_lse, Nq)                             # (G, Sq)
     out = _combine(slot_out, weight, layout.rperm, layout.roff, Nq)          # (G, Nq, Dv)
     saved = {"layout": layout, "tasks": tasks, "slot_out": slot_out, "slot_lse": slot_lse, "slot_weight": weight}
-    return out, finish_res(out, plan, saved, q=q, k=k, v=v, mask=mask, offset=offset, params=params,
-                           assignment=assignment, window=window, xp=np)
+    return out, {**saved, "plan": plan}                                     # completed by routing.finish
 
 
 def backward(dout, q, k, v, out, res, *, mask, offset, scale, num_clusters, **params):

@@ -34,7 +34,6 @@ import numpy as np
 from ..._array import swap_last
 from ..._softmax import softmax_attend, softmax_attend_backward
 from ...masks import visible_pairs
-from . import finish_res
 from .plan import argmax_plan, balanced_plan, rank_scores, row_limits
 
 __all__ = [
@@ -337,8 +336,7 @@ def forward(q, k, v, *, mask, offset, scale, assignment, num_clusters, window, u
         saved = {"lse": lse}
     else:
         out, saved = balanced_attention(q, k, v, plan, offset=offset, scale=scale)
-    return out, finish_res(out, plan, saved, q=q, k=k, v=v, mask=mask, offset=offset, params=params,
-                           assignment=assignment, window=window, xp=np)
+    return out, {**saved, "plan": plan}                                     # completed by routing.finish
 
 
 def backward(dout, q, k, v, out, res, *, mask, offset, scale, assignment, **params):

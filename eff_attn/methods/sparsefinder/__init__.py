@@ -20,11 +20,12 @@ import warnings
 import numpy as np
 
 from ... import interop, masks
-from ..._validate import check_bool, check_choice, check_float, check_int
+from ..._array import to_host
+from ..._entmax import entmax_attention_flops as entmax_flops
+from ..._entmax import mean_over_slices, threshold_flops, visible_pair_counts
+from ..._validate import check_bool, check_choice, check_float, check_inputs, check_int
 from ...random import as_generator
-from ...registry import Impl, Method, Sharding
-from ..entmax import flops as entmax_flops
-from ..entmax import host, mean_over_slices, threshold_flops, visible_pair_counts
+from ...registry import Impl, Method, Sharding, scalar_params
 from .fitting import (
     draw_sparsefinder_negatives,
     fit_centroids,
@@ -40,7 +41,6 @@ from .graph import (
     graph_metrics,
     grouped_pair_count,
     labels_from_groups,
-    predict_graph,
     window_global_counts,
 )
 from .state import SparsefinderState, state_for_batch
@@ -191,7 +191,6 @@ def draw(rng, problem, params) -> dict:
     """
     if params.get("state_source") != "fitted_on_input":
         return {}
-    from ..._cuda import host as to_host
 
     rows, causal = _fit_queries(problem.Nq, problem.Nk, problem.offset)
     q = to_host(problem.unflatten(problem.q))[None][..., rows, :].astype(np.float64)  # (1, *batch, m, D)
@@ -245,16 +244,42 @@ def flops(Nq, Nk, D, Dv=None, *, batch=1, causal=False, backward=False, alpha=1.
     return int(round(batch * total))
 
 
-def finish_res(res, q, k, v, out, *, offset, params):
-    """The backend-independent tail of every forward: counts, flops, empty rows, error vs dense."""
-    from ...api import _scalar_params
+def predict_graph(state, q, k, *, predictor="kmeans", top_clusters=1, threshold=None, metric="sqeuclidean",
+                  bucket_size=16, window=5, global_tokens=0, alpha=None, scale=None, mask=None, causal=False):
+    """The predicted graph ``V_i n (W_i u Gamma_i u Pi_i)`` of Sparsefinder (NumPy, dense).
 
-    G, Nq, D = q.shape
-    Nk, Dv = k.shape[1], v.shape[2]
+    Takes the parameters of :func:`eff_attn.sparsefinder_attention`; ``alpha``
+    and ``scale`` matter only for ``predictor="oracle"`` (default: the
+    state's, else 1.5 and ``1/sqrt(D)``).
+
+    Returns
+    -------
+    bool ndarray of shape (..., Nq, Nk)
+    """
+    from .reference import dense_predicted_graph
+
+    if alpha is None:
+        alpha = 1.5 if state is None or state.alpha is None else state.alpha
+    if scale is None and state is not None:
+        scale = state.scale
+    problem = check_inputs(q, k, k, mask=mask, causal=causal, scale=scale)
+    params = resolve(problem, state=state, alpha=alpha, predictor=predictor, top_clusters=top_clusters,
+                     threshold=threshold, metric=metric, bucket_size=bucket_size, window=window,
+                     global_tokens=global_tokens)
+    graph, _, _ = dense_predicted_graph(problem.q, problem.k, mask=problem.mask, offset=problem.offset,
+                                        scale=problem.scale, **params)
+    return problem.unflatten(graph)
+
+
+def finish(problem, params, out, res):
+    """The backend-independent tail of every forward: counts, flops, empty rows, error vs dense.
+
+    The API calls it after every forward (``Method.finish``)."""
+    G, Nq, Nk, D, Dv, offset = problem.G, problem.Nq, problem.Nk, problem.D, problem.Dv, problem.offset
     res["empty_rows"] = res["keys_per_query"] == 0
     pairs = int(res["keys_per_query"].sum())
     res["flops"] = flops(Nq, Nk, D, Dv, batch=G, causal=masks.causal_argument(offset, Nq, Nk), pairs=pairs,
-                         **_scalar_params(params))
+                         **scalar_params(params))
     if params.get("fitted_state") is not None:
         res["fitted_state"] = params["fitted_state"]
     if "out_dense" in res:
@@ -266,14 +291,14 @@ def finish_res(res, q, k, v, out, *, offset, params):
 def info(problem, params, res) -> dict:
     xp = problem.xp
     kpq = res["keys_per_query"]                                                  # (G, Nq)
-    pairs = host(kpq).sum(axis=-1)                                               # (G,)
-    visible = host(visible_pair_counts(problem))                                 # (G,)
+    pairs = to_host(kpq).sum(axis=-1)                                          # (G,)
+    visible = to_host(visible_pair_counts(problem))                            # (G,)
     ok = visible > 0
     support = res["support_size"]                                                # (G, Nq)
     if params["predictor"] == "graph":
         direct = np.zeros(problem.G, dtype=np.int64)
     else:
-        direct = host(xp.broadcast_to(window_global_counts(problem.mask, problem.offset, problem.Nq, problem.Nk,
+        direct = to_host(xp.broadcast_to(window_global_counts(problem.mask, problem.offset, problem.Nq, problem.Nk,
                                                            params["window"], params["global_tokens"], xp),
                                       (problem.G, problem.Nq)).sum(axis=-1))   # (G,)
     qg, kg = res.get("query_groups"), res.get("key_groups")
@@ -282,14 +307,14 @@ def info(problem, params, res) -> dict:
     else:
         space = params["num_clusters"] if params["predictor"] == "kmeans" else int(max(qg.max(), kg.max())) + 1
         q_labels, k_labels, n_groups = labels_from_groups(qg, kg, space, xp)
-        grouped = host(grouped_pair_count(q_labels, k_labels, n_groups, problem.offset, xp))
+        grouped = to_host(grouped_pair_count(q_labels, k_labels, n_groups, problem.offset, xp))
     causal = masks.causal_argument(problem.offset, problem.Nq, problem.Nk)
     out = {
         "predicted_pairs": int(pairs.sum()),
         "keys_per_query": problem.unflatten(kpq),
         "graph_sparsity": mean_over_slices(1 - pairs / np.maximum(visible, 1), ok),
         "support_size": problem.unflatten(support),
-        "output_sparsity": mean_over_slices(1 - host(support).sum(axis=-1) / np.maximum(visible, 1), ok),
+        "output_sparsity": mean_over_slices(1 - to_host(support).sum(axis=-1) / np.maximum(visible, 1), ok),
         "query_groups": None if qg is None else problem.unflatten(qg),
         "key_groups": None if kg is None else problem.unflatten(kg),
         "pairs_with_duplicates": int(grouped.sum()),
@@ -298,7 +323,7 @@ def info(problem, params, res) -> dict:
                                     alpha=params["alpha"]),
     }
     if params["compute_recall"]:
-        hits, gold = host(res["gold_hits"]), host(res["gold_support"])          # (G, Nq)
+        hits, gold = to_host(res["gold_hits"]), to_host(res["gold_support"])    # (G, Nq)
         gold_rows = gold > 0
         out.update(
             recall=mean_over_slices(hits.sum(-1) / np.maximum(gold.sum(-1), 1), gold.sum(-1) > 0),
@@ -341,6 +366,7 @@ METHOD = Method(
     resolve=resolve,
     flops=flops,
     info=info,
+    finish=finish,
     draw=draw,
     impls=(
         Impl("numpy", "eff_attn.methods.sparsefinder.reference", check=_check),

@@ -14,7 +14,7 @@ Steps
     labels, no marker). ``_count_kernel`` (a thread per query) counts,
     ``cumsum`` gives the row offsets, ``_fill_kernel`` writes the key
     indices and their gathered scores ``s q_i . k_j``.
-    (4) entmax's :func:`eff_attn.methods.entmax.cupy.row_threshold_kernel`
+    (4) entmax's :func:`eff_attn._entmax_cupy.row_threshold_kernel`
     turns each row segment into weights in place (bisection, polished to
     the sort result at alpha = 1.5 and 2), and ``_output_kernel`` (a thread
     per output entry) sums ``p v`` over the segment.
@@ -31,10 +31,9 @@ import numpy as np
 from numba import cuda
 
 from ..._cuda import threads_per_block, to_xp, xp_of
-from ..entmax import DEFAULT_N_ITER, resolve_algorithm
-from ..entmax.cupy import forward as entmax_forward
-from ..entmax.cupy import run_row_threshold
-from . import finish_res
+from ..._entmax import DEFAULT_N_ITER, resolve_algorithm
+from ..._entmax_cupy import forward as entmax_forward
+from ..._entmax_cupy import run_row_threshold
 from .graph import (
     COSINE,
     GRAPH,
@@ -283,4 +282,4 @@ def forward(q, k, v, *, mask, offset, scale, **params):
         _launch(_gold_hits_kernel, rows, scores, row_start, float(alpha), Nq, dense["z_max"], dense["tau_shifted"],
                 hits)
         res.update(gold_hits=hits.reshape(G, Nq), gold_support=dense["support_size"], out_dense=dense_out)
-    return out, finish_res(res, q, k, v, out, offset=offset, params=params)
+    return out, res                                                          # completed by sparsefinder.finish

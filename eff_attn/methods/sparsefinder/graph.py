@@ -14,18 +14,18 @@ slices:
   of the compute-efficiency metric, in ``O((Nq + Nk) log Nk)``;
 - :func:`pair_distances` and the dense graphs of the NumPy reference.
 
-The public :func:`gold_graph`, :func:`predict_graph` and :func:`graph_metrics`
-are the dense, readable definitions used by the tests and the fitting code.
+The public :func:`gold_graph` and :func:`graph_metrics` (with the package's
+``predict_graph``) are the dense, readable definitions used by the tests and the
+fitting code.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..._entmax import entmax_rows, resolve_algorithm
 from ..._hashing import inverse_permutation, segment_offsets, stable_key_argsort
 from ...masks import visible_pairs
-from ..entmax import resolve_algorithm
-from ..entmax.reference import entmax_rows
 
 __all__ = [
     "predictor_code",
@@ -43,7 +43,6 @@ __all__ = [
     "pair_distances",
     "gold_pairs",
     "gold_graph",
-    "predict_graph",
     "graph_metrics",
 ]
 
@@ -375,35 +374,6 @@ def gold_graph(q, k, *, alpha=1.5, scale=None, mask=None, causal=False):
     scores = _default_scale(q, scale) * (q @ np.swapaxes(k, -1, -2))           # (..., Nq, Nk)
     visible = visible_pairs(mask, causal_offset(causal, Nq, Nk), Nq, Nk)        # (..., Nq, Nk)
     return gold_pairs(scores, visible, alpha)
-
-
-def predict_graph(state, q, k, *, predictor="kmeans", top_clusters=1, threshold=None, metric="sqeuclidean",
-                  bucket_size=16, window=5, global_tokens=0, alpha=None, scale=None, mask=None, causal=False):
-    """The predicted graph ``V_i n (W_i u Gamma_i u Pi_i)`` of Sparsefinder (NumPy, dense).
-
-    Takes the parameters of :func:`eff_attn.sparsefinder_attention`; ``alpha``
-    and ``scale`` matter only for ``predictor="oracle"`` (default: the
-    state's, else 1.5 and ``1/sqrt(D)``).
-
-    Returns
-    -------
-    bool ndarray of shape (..., Nq, Nk)
-    """
-    from ..._validate import check_inputs
-    from . import resolve
-    from .reference import dense_predicted_graph
-
-    if alpha is None:
-        alpha = 1.5 if state is None or state.alpha is None else state.alpha
-    if scale is None and state is not None:
-        scale = state.scale
-    problem = check_inputs(q, k, k, mask=mask, causal=causal, scale=scale)
-    params = resolve(problem, state=state, alpha=alpha, predictor=predictor, top_clusters=top_clusters,
-                     threshold=threshold, metric=metric, bucket_size=bucket_size, window=window,
-                     global_tokens=global_tokens)
-    graph, _, _ = dense_predicted_graph(problem.q, problem.k, mask=problem.mask, offset=problem.offset,
-                                        scale=problem.scale, **params)
-    return problem.unflatten(graph)
 
 
 def _slice_mean(num, den):

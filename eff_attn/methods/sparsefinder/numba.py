@@ -15,7 +15,7 @@ Steps
     groups (``distance`` scans every visible key in ``r`` dimensions;
     ``oracle`` keeps the keys of the dense entmax support). Their scores
     are gathered dot products; the threshold is entmax's row kernel
-    (:func:`eff_attn.methods.entmax.numba.row_threshold`, the sort path at
+    (:func:`eff_attn._entmax_numba.row_threshold`, the sort path at
     alpha = 1.5 and 2); the output sums ``p_j v_j`` over the support.
 
 Memory ``O(E + (Nq + Nk)(r + R t))`` for the plan and ``O(Nk)`` per task.
@@ -28,11 +28,11 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from ..._entmax import DEFAULT_N_ITER, resolve_algorithm
+from ..._entmax_numba import accumulate_support, row_threshold, row_weights
+from ..._entmax_numba import forward as entmax_forward
 from ..._jit import blas_single_thread, contiguous, kernel, serial
-from ..entmax import DEFAULT_N_ITER, resolve_algorithm
-from ..entmax.numba import forward as entmax_forward
-from ..entmax.numba import accumulate_support, row_threshold, row_weights
-from . import finish_res
+from ...masks import as_kernel_mask
 from .graph import COSINE, GRAPH, GROUPS, ORACLE, SQEUCLIDEAN, position_offset, predictor_code, predictor_plan
 
 __all__ = ["forward"]
@@ -189,7 +189,7 @@ def forward(q, k, v, *, mask, offset, scale, **params):
     keys_per_query = np.empty((G, Nq), dtype=np.int64)
     support = np.empty((G, Nq), dtype=np.int64)
     gold_hits = np.empty((G, Nq), dtype=np.int64)
-    keep = np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
+    keep = as_kernel_mask(mask)
     window = params["window"]
     with blas_single_thread():
         _sparsefinder_kernel(
@@ -210,4 +210,4 @@ def forward(q, k, v, *, mask, offset, scale, **params):
            "key_groups": plan["key_groups"]}
     if params["compute_recall"]:
         res.update(gold_hits=gold_hits, gold_support=dense["support_size"], out_dense=dense_out)
-    return out, finish_res(res, q, k, v, out, offset=offset, params=params)
+    return out, res                                                          # completed by sparsefinder.finish

@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...masks import visible_pairs
-from ..entmax import resolve_algorithm
-from ..entmax.reference import entmax_attention_backward, entmax_rows
+from ..._entmax import entmax_attention_backward, entmax_rows, resolve_algorithm
 from .graph import (
     gold_pairs,
     group_labels,
@@ -105,8 +104,6 @@ def sparsefinder_reference(q, k, v, *, mask, offset, scale, alpha, **params):
 
 def forward(q, k, v, *, mask, offset, scale, **params):
     """Backend entry point."""
-    from . import finish_res
-
     alpha = params["alpha"]
     out, P, graph, support, query_groups, key_groups = sparsefinder_reference(
         q, k, v, mask=mask, offset=offset, scale=scale, **params)
@@ -119,7 +116,7 @@ def forward(q, k, v, *, mask, offset, scale, **params):
         P_dense, _, _ = entmax_rows(dense_scores, visible, alpha, algorithm=resolve_algorithm(alpha, "auto"))
         gold = P_dense > 0                                                                  # (G, Nq, Nk)
         res.update(gold_hits=(gold & graph).sum(axis=-1), gold_support=gold.sum(axis=-1), out_dense=P_dense @ v)
-    return out, finish_res(res, q, k, v, out, offset=offset, params=params)
+    return out, res                                                          # completed by sparsefinder.finish
 
 
 def backward(dout, q, k, v, out, res, *, mask, offset, scale, alpha, **params):

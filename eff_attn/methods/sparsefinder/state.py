@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..._heads import check_head_shape
+
 __all__ = ["SparsefinderState", "HeadArrays", "state_for_batch"]
 
 
@@ -116,14 +118,7 @@ def state_for_batch(state: SparsefinderState, batch_shape: tuple, threshold=None
     ValueError
         If the state's head shape does not broadcast to ``batch_shape``.
     """
-    H = state.head_shape
-    try:
-        ok = tuple(np.broadcast_shapes(H, batch_shape)) == tuple(batch_shape)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"the state's head shape {H} does not broadcast to the inputs' leading axes "
-                         f"{tuple(batch_shape)}")
+    check_head_shape(state.head_shape, batch_shape)
     G = math.prod(batch_shape)
 
     def flat(a, tail):

@@ -12,11 +12,9 @@ from ... import masks
 from ..._validate import check_int
 from ...registry import Impl, Method, Sharding
 
-__all__ = ["topk_oracle_attention", "flops", "resolve", "METHOD", "DEFAULT_TOPK", "QUERY_BLOCK"]
+__all__ = ["topk_oracle_attention", "flops", "resolve", "METHOD", "DEFAULT_TOPK"]
 
 DEFAULT_TOPK = 32
-#: Queries per block: the (Bq, Nk) score block is the working set.
-QUERY_BLOCK = 64
 
 
 def resolve(problem, *, topk=DEFAULT_TOPK) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..._cuda import xp_of
 from ...masks import visible_pairs
-from ..exact import GPU_TILE_BYTES
+from ..._tile_sizes import GPU_TILE_BYTES
 from .reference import topk_support
 
 __all__ = ["forward"]

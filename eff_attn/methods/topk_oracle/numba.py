@@ -15,9 +15,12 @@ import numpy as np
 from numba import prange
 
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
-from . import QUERY_BLOCK
+from ...masks import as_kernel_mask
 
 __all__ = ["forward"]
+
+#: Queries per block: the (Bq, Nk) score block is the working set.
+QUERY_BLOCK = 64
 
 
 @serial
@@ -90,7 +93,7 @@ def _topk_kernel(q, k, v, keep, causal, offset, scale, topk, block_q, out, suppo
 def forward(q, k, v, *, mask, offset, scale, topk):
     q, k, v = contiguous(q, k, v)
     G, Nq, _ = q.shape
-    keep = np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
+    keep = as_kernel_mask(mask)
     out = np.empty((G, Nq, v.shape[2]), dtype=q.dtype)
     support = np.empty((G, Nq, min(topk, k.shape[1])), dtype=np.int64)
     mass_kept = np.empty((G, Nq), dtype=q.dtype)

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from ... import masks
-from ..._cuda import host
+from ..._array import to_host
 from ..._softmax import softmax_attend
 from ..._validate import check_choice, check_int, check_memory
 from ...random import as_generator
@@ -184,8 +184,8 @@ def _fit_for_call(problem, params, rng):
     per slice against every key; with more queries than that, a second,
     disjoint sample chooses the returned tree.
     """
-    q_all, k, v = (host(a).astype(np.float64) for a in (problem.q, problem.k, problem.v))   # (G, N, .)
-    keep = np.ones(k.shape[:2], dtype=bool) if problem.mask is None else host(problem.mask)
+    q_all, k, v = (to_host(a).astype(np.float64) for a in (problem.q, problem.k, problem.v))   # (G, N, .)
+    keep = np.ones(k.shape[:2], dtype=bool) if problem.mask is None else to_host(problem.mask)
     fit_rows, select_rows = _fit_rows(rng, problem.Nq)
     G = problem.G
     start = init_tree_pca(problem.unflatten(q_all), problem.unflatten(k), params["height"],
@@ -209,8 +209,8 @@ def draw(rng, problem, params) -> dict:
             raise ValueError("rng is unused when state= is given (the tree is fixed); pass rng=None")
         return {"tree": BoundTree(state, tree_index(state.tree_shape, problem.batch_shape), "given")}
     init, h, T = params["tree_init"], params["height"], problem.batch_shape
-    q, k = problem.unflatten(host(problem.q)), problem.unflatten(host(problem.k))
-    mask = None if problem.mask is None else problem.unflatten(host(problem.mask))
+    q, k = problem.unflatten(to_host(problem.q)), problem.unflatten(to_host(problem.k))
+    mask = None if problem.mask is None else problem.unflatten(to_host(problem.mask))
     history = None
     with _blas_single_thread():          # one small SVD per node: BLAS threads make it ten times slower
         if init == "pca_median":

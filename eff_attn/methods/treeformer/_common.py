@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ... import masks
-from ..._cuda import host
+from ..._array import to_host
 from ..._validate import check_int
 from ...registry import NotSupportedError
 from .state import MAX_HEIGHT, default_height
@@ -150,7 +150,8 @@ def finish_res(xp, res, *, variant, tree, height, D, Dv):
     Nq, Nk = res["leaf_q"].shape[1], res["leaf_k"].shape[1]
     res["leaf_counts_q"] = leaf_counts(xp, res["leaf_q"], L)               # (G, L)
     res["leaf_counts_k"] = leaf_counts(xp, res["leaf_k"], L)               # (G, L)
-    counts = dict(height=height, leaf_counts_q=host(res["leaf_counts_q"]), leaf_counts_k=host(res["leaf_counts_k"]))
+    counts = dict(height=height, leaf_counts_q=to_host(res["leaf_counts_q"]),
+                  leaf_counts_k=to_host(res["leaf_counts_k"]))
     if variant == "tf":
         res["empty_rows"] = res["keys_per_row"] == 0                         # (G, Nq)
         res["flops"] = flops_tf(Nq, Nk, D, Dv, pairs=int(res["keys_per_row"].sum()), **counts)

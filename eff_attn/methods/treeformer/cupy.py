@@ -34,7 +34,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from ..._cuda import host, launch_rows, to_xp, xp_of
+from ..._array import to_host
+from ..._cuda import launch_rows, to_xp, xp_of
 from ..._hashing import segment_offsets, stable_key_argsort
 from ..._softmax import softmax_attend, softmax_attend_backward
 from . import _common
@@ -155,7 +156,7 @@ class _Packing:
         perm_k, off_k = _sort_by_leaf(xp, leaf_k, L)
         a = off_q[:, 1:L + 1] - off_q[:, :L]                                # (G, L)
         c = off_k[:, 1:L + 1] - off_k[:, :L]                                # (G, L)
-        a_host, c_host = host(a), host(c)                                   # the one host sync
+        a_host, c_host = to_host(a), to_host(c)                             # the one host sync
         self.classes = []
         real = padded = 0
         for Acap, Ccap, cells in _size_classes(a_host, c_host):

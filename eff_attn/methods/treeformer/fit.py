@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..._cuda import host
+from ..._array import to_host as host
 from ..._softmax import softmax_attend, softmax_attend_backward
 from ..._validate import check_bool, check_choice, check_float, check_int
 from ...masks import causal_offset, visible_pairs

@@ -39,6 +39,7 @@ from numba import prange
 
 from ..._hashing import segment_offsets, stable_key_argsort
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
+from ...masks import as_kernel_mask
 from . import _common
 
 __all__ = ["forward", "backward", "TF_BLOCK_Q", "TF_BLOCK_K", "TC_BLOCK_Q"]
@@ -122,10 +123,6 @@ def _tasks(blocks):
 def _tree_arrays(tree, dtype):
     w, b = tree.state.flat()
     return np.ascontiguousarray(w, dtype=dtype), np.ascontiguousarray(b, dtype=dtype), tree.tree_of_slice
-
-
-def _keep(mask):
-    return np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
 
 
 # --- TF -------------------------------------------------------------------------------------
@@ -288,8 +285,8 @@ def _tf_layout(q, k, mask, tree, height):
     """Leaves, stable leaf order and offsets of queries and keys."""
     L = 2**height
     w, b, tree_of_slice = _tree_arrays(tree, q.dtype)
-    leaf_q = _route(q, w, b, tree_of_slice, _keep(None), height)
-    leaf_k = _route(k, w, b, tree_of_slice, _keep(mask), height)
+    leaf_q = _route(q, w, b, tree_of_slice, as_kernel_mask(None), height)
+    leaf_k = _route(k, w, b, tree_of_slice, as_kernel_mask(mask), height)
     perm_q, off_q = _sort_by_leaf(leaf_q, L)
     perm_k, off_k = _sort_by_leaf(leaf_k, L)
     return leaf_q, leaf_k, perm_q, off_q, perm_k, off_k
@@ -437,8 +434,8 @@ def _tc_means(k, v, leaf_k, height):
 
 def _tc_forward(q, k, v, mask, scale, tree, height):
     w, b, tree_of_slice = _tree_arrays(tree, q.dtype)
-    leaf_q = _route(q, w, b, tree_of_slice, _keep(None), height)
-    leaf_k = _route(k, w, b, tree_of_slice, _keep(mask), height)
+    leaf_q = _route(q, w, b, tree_of_slice, as_kernel_mask(None), height)
+    leaf_k = _route(k, w, b, tree_of_slice, as_kernel_mask(mask), height)
     kbar, vbar, counts = _tc_means(k, v, leaf_k, height)
     G, Nq = leaf_q.shape
     out = np.empty((G, Nq, v.shape[2]), dtype=q.dtype)

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..._cuda import host
+from ..._array import to_host
+from ..._heads import head_index
 from ..._validate import check_int
 from ...random import as_generator
 
@@ -173,25 +174,10 @@ def default_height(Nk: int) -> int:
 
 
 def tree_index(tree_shape: tuple, batch_shape: tuple) -> np.ndarray:
-    """Tree of each flattened slice: ``arange(prod T)`` broadcast right-aligned to ``batch_shape``.
-
-    Raises
-    ------
-    ValueError
-        If the tree shape has more axes than the inputs' leading shape, or an
-        axis that is neither 1 nor the aligned input axis.
-    """
-    tree_shape, batch_shape = tuple(tree_shape), tuple(batch_shape)
-    ok = len(tree_shape) <= len(batch_shape) and all(
-        t in (1, n) for t, n in zip(tree_shape[::-1], batch_shape[::-1])
-    )
-    if not ok:
-        raise ValueError(
-            f"state: the tree shape {tree_shape} does not broadcast against the inputs' leading (batch, head) "
-            f"shape {batch_shape}; each tree axis must be 1 or equal the aligned input axis"
-        )
-    ids = np.arange(math.prod(tree_shape), dtype=np.int64).reshape(tree_shape)
-    return np.ascontiguousarray(np.broadcast_to(ids, batch_shape)).reshape(-1)
+    """Tree of each flattened slice: ``arange(prod T)`` broadcast right-aligned to ``batch_shape``
+    (:func:`eff_attn._heads.head_index`)."""
+    return head_index(tree_shape, batch_shape, what="state: the tree shape",
+                      hint="each tree axis must be 1 or equal the aligned input axis")
 
 
 # --- dense forms of the tree (surrogate gradients, reference TC) --------------------
@@ -298,19 +284,19 @@ def route(x, tree: TreeformerState, *, mask=None):
     int64 ndarray of shape (..., N)
         The walk computes ``z`` in ``x``'s dtype (float32 or float64).
     """
-    x = host(x)
+    x = to_host(x)
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
     check_tree_dim(tree, x.shape[-1])
     lead = x.shape[:-2]
     if mask is not None:
-        lead = np.broadcast_shapes(lead, host(mask).shape[:-1])
+        lead = np.broadcast_shapes(lead, to_host(mask).shape[:-1])
     ndim = max(len(lead), len(tree.tree_shape))
     x = x.reshape((1,) * (ndim - (x.ndim - 2)) + x.shape)
     w, b = _aligned(tree, ndim, x.dtype)
     leaf = walk(x, w, b, tree.height)                                       # (..., N)
     if mask is not None:
-        leaf = np.where(host(mask), leaf, -1)
+        leaf = np.where(to_host(mask), leaf, -1)
     return leaf.astype(np.int64)
 
 
@@ -326,13 +312,13 @@ def pooled_points(q, k, mask=None, tree_shape=None):
     tree_shape : tuple
         ``T``, the broadcast leading shape when ``tree_shape`` is None.
     """
-    q = host(q).astype(np.float64)
-    k = host(k).astype(np.float64)
+    q = to_host(q).astype(np.float64)
+    k = to_host(k).astype(np.float64)
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"k has D={k.shape[-1]} features but q has D={q.shape[-1]}")
     shapes = [q.shape[:-2], k.shape[:-2]]
     if mask is not None:
-        mask = host(mask).astype(bool)
+        mask = to_host(mask).astype(bool)
         if mask.shape[-1] != k.shape[-2]:
             raise ValueError(f"mask must have shape (..., Nk) with Nk={k.shape[-2]}, got shape {mask.shape}")
         shapes.append(mask.shape[:-1])

@@ -13,6 +13,7 @@ import numpy as np
 from numba import prange
 
 from ..._jit import contiguous, kernel
+from ...masks import as_kernel_mask
 
 __all__ = ["forward", "backward"]
 
@@ -68,19 +69,15 @@ def _backward_kernel(dout, keep, causal, offset, Nk, dv):
                 dv[g, j] = 0
 
 
-def _keep(mask):
-    return np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
-
-
 def forward(q, k, v, *, mask, offset, scale):
     (v,) = contiguous(v)
     out = np.empty((v.shape[0], q.shape[1], v.shape[2]), dtype=v.dtype)
-    _forward_kernel(v, _keep(mask), offset is not None, 0 if offset is None else offset, q.shape[1], out)
+    _forward_kernel(v, as_kernel_mask(mask), offset is not None, 0 if offset is None else offset, q.shape[1], out)
     return out, {}
 
 
 def backward(dout, q, k, v, out, res, *, mask, offset, scale):
     (dout,) = contiguous(dout)
     dv = np.empty_like(v)
-    _backward_kernel(dout, _keep(mask), offset is not None, 0 if offset is None else offset, k.shape[1], dv)
+    _backward_kernel(dout, as_kernel_mask(mask), offset is not None, 0 if offset is None else offset, k.shape[1], dv)
     return np.zeros_like(q), np.zeros_like(k), dv

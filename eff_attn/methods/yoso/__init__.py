@@ -25,10 +25,19 @@ import numbers
 import numpy as np
 
 from ... import interop, masks
-from ..._hashing import MAX_CODE_BITS, sign_bit_codes
-from ..._validate import check_array_shape, check_bool, check_choice, check_float, check_int, check_memory
+from ..._hashing import MAX_CODE_BITS
+from ..._validate import (
+    check_array_shape,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_memory,
+    flatten_leading,
+)
 from ...random import as_generator, random_signs
 from ...registry import Impl, Method, NotSupportedError, Sharding
+from ._common import HASH_DTYPES, unit_rows, yoso_codes
 
 __all__ = [
     "yoso_attention",
@@ -45,7 +54,6 @@ __all__ = [
 
 VARIANTS = ("sampled", "expectation")
 HASH_FAMILIES = ("gaussian", "hadamard")
-HASH_DTYPES = ("float64", "input")
 GRADS = ("surrogate", "exact", "expectation_surrogate")
 
 #: Hashes of the sampled variant: the paper's GLUE and LRA configurations.
@@ -54,10 +62,6 @@ DEFAULT_NUM_HASHES = 32
 MAX_TAU = 20
 #: Largest default ``tau``: the default tables stay at most 2**16 rows.
 MAX_DEFAULT_TAU = 16
-#: The floor of the norms in ``q / max(|q|, EPS)`` and ``u / max(|u|, EPS)``.
-EPS = 1e-12
-#: ``grad="exact"`` caps ``|z|`` here, where ``d arccos(z) / dz`` is still finite.
-EXACT_GRAD_Z_CAP = 1.0 - 1e-6
 
 
 # --------------------------------------------------------------------------------------
@@ -135,34 +139,6 @@ def draw_yoso_hyperplanes(rng, num_hashes, tau, head_dim, *, lead_shape=(), fami
     return np.ascontiguousarray(np.concatenate(rotations, axis=-3)[..., :m, :, :])
 
 
-def yoso_codes(x, hyperplanes, *, hash_dtype="float64") -> np.ndarray:
-    """Bucket codes ``c_h(x) = sum_b 2**b [r_{h,b} . x > 0]`` of every row of ``x``.
-
-    Parameters
-    ----------
-    x : ndarray of shape (..., N, D)
-    hyperplanes : ndarray of shape (..., m, tau, D)
-        Broadcast over the leading axes of ``x``.
-    hash_dtype : {"float64", "input"}, default="float64"
-        Precision of the projections; float64 makes the codes agree across
-        backends.
-
-    Returns
-    -------
-    int32 ndarray of shape (..., N, m), values in ``[0, 2**tau)``
-    """
-    check_choice("hash_dtype", hash_dtype, HASH_DTYPES)
-    x = np.asarray(x)
-    dtype = np.float64 if hash_dtype == "float64" else x.dtype
-    return sign_bit_codes(x, np.asarray(hyperplanes), np, dtype=dtype)
-
-
-def _unit_rows(x, xp=np):
-    """``x / max(|x|, EPS)`` row-wise, and the norms ``|x|``."""
-    norm = xp.sqrt((x * x).sum(axis=-1))                                     # (..., N)
-    return x / xp.maximum(norm, EPS)[..., None], norm
-
-
 def collision_probability(q, k, tau, *, damping=1.0) -> np.ndarray:
     """YOSO-E weights ``P_ij = (1 - arccos(clip(c q^.k^, -1, 1)) / pi)^tau``, without a mask.
 
@@ -182,8 +158,8 @@ def collision_probability(q, k, tau, *, damping=1.0) -> np.ndarray:
     -------
     ndarray of shape (..., Nq, Nk), in ``[0, 1]``
     """
-    q_unit, _ = _unit_rows(np.asarray(q))                                    # (..., Nq, D)
-    k_unit, _ = _unit_rows(np.asarray(k))                                    # (..., Nk, D)
+    q_unit, _ = unit_rows(np.asarray(q))                                    # (..., Nq, D)
+    k_unit, _ = unit_rows(np.asarray(k))                                    # (..., Nk, D)
     x = q_unit @ np.swapaxes(k_unit, -1, -2)                                 # (..., Nq, Nk)
     z = np.clip(damping * x, -1.0, 1.0)                                      # (..., Nq, Nk)
     return (1.0 - np.arccos(z) / np.pi) ** tau                               # (..., Nq, Nk)
@@ -271,17 +247,6 @@ def _host(a, name) -> np.ndarray:
     return arr.get() if device == "gpu" else arr
 
 
-def _flat_lead(problem, a, tail, name):
-    """``a (..., *tail)`` broadcast to the problem's leading axes, as (G, *tail)."""
-    try:
-        b = np.broadcast_to(a, (*problem.batch_shape, *tail))
-    except ValueError:
-        raise ValueError(
-            f"{name} has shape {a.shape}; its leading axes must broadcast to the inputs' {problem.batch_shape}"
-        ) from None
-    return np.ascontiguousarray(b).reshape(problem.G, *tail)
-
-
 def _given_hyperplanes(problem, hyperplanes, num_hashes, tau):
     R = _host(hyperplanes, "hyperplanes")
     if R.dtype.kind != "f":
@@ -299,7 +264,7 @@ def _given_hyperplanes(problem, hyperplanes, num_hashes, tau):
     if not np.isfinite(R).all():
         raise ValueError("hyperplanes contains NaN or inf")
     R = R.astype(np.float64)
-    flat = R[None] if R.ndim == 3 else _flat_lead(problem, R, R.shape[-3:], "hyperplanes")
+    flat = R[None] if R.ndim == 3 else flatten_leading("hyperplanes", R, problem, R.shape[-3:])
     return m, t, R, flat                                                     # flat: (1 or G, m, tau, D)
 
 
@@ -324,8 +289,8 @@ def _given_codes(problem, codes, num_hashes, tau):
                          f"{arrays[0].shape} and {arrays[1].shape}")
     if num_hashes is not None and num_hashes != m:
         raise ValueError(f"num_hashes={num_hashes} disagrees with codes of {m} hashes")
-    q_codes = _flat_lead(problem, arrays[0].astype(np.int32), (problem.Nq, m), "q_codes")
-    k_codes = _flat_lead(problem, arrays[1].astype(np.int32), (problem.Nk, m), "k_codes")
+    q_codes = flatten_leading("q_codes", arrays[0].astype(np.int32), problem, (problem.Nq, m))
+    k_codes = flatten_leading("k_codes", arrays[1].astype(np.int32), problem, (problem.Nk, m))
     return m, q_codes, k_codes
 
 

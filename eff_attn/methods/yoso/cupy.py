@@ -47,6 +47,7 @@ from numba import cuda
 from ..._array import swap_last
 from ..._cuda import launch_rows, threads_per_block, to_xp, xp_of
 from ..._hashing import sign_bit_codes, stable_key_argsort
+from ...masks import as_cuda_mask
 from .reference import YosoOps, entry_points
 
 __all__ = ["forward", "backward", "OPS"]
@@ -57,10 +58,6 @@ CHUNK_BYTES = 256 * 2**20
 MAX_BLOCK_K = 4096
 #: Threads per block of the pair kernels: one warp per row.
 PAIR_THREADS = 32
-
-
-def _keep(xp, mask):
-    return (xp.ones((1, 1), dtype=bool), False) if mask is None else (mask, True)
 
 
 def _fit(count, unit_bytes, budget=CHUNK_BYTES):
@@ -136,7 +133,7 @@ def _bucket_sum(src_codes, src_values, src_keep, dst_codes, tau):
     G, Ns, Dv = src_values.shape
     Nd, m = dst_codes.shape[1:]
     rows = 1 << tau
-    keep, has_keep = _keep(xp, src_keep)
+    keep, has_keep = as_cuda_mask(xp, src_keep)
     table_bytes = rows * (Dv * src_values.dtype.itemsize + 8)                # one (slice, hash) table + sizes
     mc = _fit(m, table_bytes)
     gc = _fit(G, mc * table_bytes)
@@ -214,7 +211,7 @@ def _ranges(xp, own_keys, other_keys):
 
 def _bucket_pairs_backward(du, v, q_unit, k_unit, q_codes, k_codes, mask, tau):
     xp = xp_of(du)
-    keep, has_keep = _keep(xp, mask)
+    keep, has_keep = as_cuda_mask(xp, mask)
     q_keys = _bucket_keys(xp, q_codes, tau)                                  # (G, Nq, m)
     k_keys = _bucket_keys(xp, k_codes, tau, mask)                            # (G, Nk, m)
     dq = xp.zeros_like(q_unit)
@@ -275,7 +272,7 @@ def _expectation_sum(q_unit, k_unit, v, mask, tau, damping):
     xp = xp_of(v)
     G, Nq, _ = q_unit.shape
     Nk = k_unit.shape[1]
-    keep, has_keep = _keep(xp, mask)
+    keep, has_keep = as_cuda_mask(xp, mask)
     Bk = _block_k(G, Nq, v.dtype.itemsize, 1)
     no_w = xp.empty((1, 1, 1), dtype=v.dtype)
     u = xp.zeros((G, Nq, v.shape[2]), dtype=v.dtype)
@@ -293,7 +290,7 @@ def _expectation_backward(du, q_unit, k_unit, v, mask, tau, damping, grad):
     xp = xp_of(du)
     G, Nq, _ = q_unit.shape
     Nk = k_unit.shape[1]
-    keep, has_keep = _keep(xp, mask)
+    keep, has_keep = as_cuda_mask(xp, mask)
     Bk = _block_k(G, Nq, du.dtype.itemsize, 3)
     dq = xp.zeros_like(q_unit)
     dk = xp.empty_like(k_unit)

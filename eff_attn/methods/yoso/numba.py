@@ -45,6 +45,7 @@ import numpy as np
 from numba import prange
 
 from ..._jit import FASTMATH, blas_single_thread, contiguous, kernel, serial
+from ...masks import as_kernel_mask
 from .reference import YosoOps, entry_points
 
 __all__ = ["forward", "backward", "OPS"]
@@ -72,10 +73,6 @@ def _task_block(task, n_blocks, block, n):
     g = task // n_blocks
     start = (task % n_blocks) * block
     return g, start, min(n, start + block)
-
-
-def _keep(mask):
-    return np.empty((0, 0), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask)
 
 
 def _hash_major(codes):
@@ -183,7 +180,7 @@ def _bucket_sum(src_codes, src_values, src_keep, dst_codes, tau):
     chunk = min(Dv, max(1, MAX_TABLE_ENTRIES >> tau))
     partial = np.empty((G, n_groups, Nd, Dv), dtype=src_values.dtype)
     counts = np.zeros((G, n_groups, Nd), dtype=np.int64)
-    _bucket_sum_kernel(_hash_major(src_codes), src_values, _keep(src_keep), _hash_major(dst_codes), tau, chunk,
+    _bucket_sum_kernel(_hash_major(src_codes), src_values, as_kernel_mask(src_keep), _hash_major(dst_codes), tau, chunk,
                        partial, counts)
     return _group_sum(partial), _group_sum(counts)
 
@@ -313,7 +310,7 @@ def _bucket_pairs_backward(du, v, q_unit, k_unit, q_codes, k_codes, mask, tau):
     n_groups = -(-m // HASH_GROUP)
     dq_part = np.empty((G, n_groups, Nq, q_unit.shape[2]), dtype=du.dtype)
     dk_part = np.empty((G, n_groups, k_unit.shape[1], k_unit.shape[2]), dtype=du.dtype)
-    _pairs_backward_kernel(du, v, q_unit, k_unit, _hash_major(q_codes), _hash_major(k_codes), _keep(mask), tau,
+    _pairs_backward_kernel(du, v, q_unit, k_unit, _hash_major(q_codes), _hash_major(k_codes), as_kernel_mask(mask), tau,
                            dq_part, dk_part)
     return _group_sum(dq_part), _group_sum(dk_part)
 
@@ -398,7 +395,7 @@ def _expectation_sum(q_unit, k_unit, v, mask, tau, damping):
     u = np.empty((G, Nq, v.shape[2]), dtype=v.dtype)
     row_mass = np.empty((G, Nq), dtype=v.dtype)
     with blas_single_thread():
-        _expectation_kernel(q_unit, k_unit, v, _keep(mask), tau, q_unit.dtype.type(damping), u, row_mass)
+        _expectation_kernel(q_unit, k_unit, v, as_kernel_mask(mask), tau, q_unit.dtype.type(damping), u, row_mass)
     return u, row_mass
 
 
@@ -466,7 +463,7 @@ def _expectation_dkv_kernel(du, q_unit, k_unit, v, keep, tau, damping, exact_gra
 def _expectation_backward(du, q_unit, k_unit, v, mask, tau, damping, grad):
     du, q_unit, k_unit, v = contiguous(du, q_unit, k_unit, v)
     c = q_unit.dtype.type(damping)
-    args = (du, q_unit, k_unit, v, _keep(mask), tau, c, grad == "exact")
+    args = (du, q_unit, k_unit, v, as_kernel_mask(mask), tau, c, grad == "exact")
     dq, dk, dv = np.empty_like(q_unit), np.empty_like(k_unit), np.empty_like(v)
     with blas_single_thread():
         _expectation_dq_kernel(*args, dq)

@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from . import EPS, EXACT_GRAD_Z_CAP, _unit_rows, yoso_codes
+from ._common import EPS, EXACT_GRAD_Z_CAP, unit_rows, yoso_codes
 
 __all__ = [
     "YosoOps",
@@ -79,7 +79,7 @@ def zero_masked_rows(x, mask, xp=np):
 
 def normalize_output_rows(u, normalize, xp=np):
     """``y = u / max(|u|, eps)`` (or ``y = u``) and ``|u|``."""
-    y, u_norm = _unit_rows(u, xp)                                            # (..., Nq, Dv), (..., Nq)
+    y, u_norm = unit_rows(u, xp)                                            # (..., Nq, Dv), (..., Nq)
     return (y.astype(u.dtype, copy=False) if normalize else u), u_norm
 
 
@@ -237,8 +237,8 @@ def forward_pipeline(ops, q, k, v, *, mask, variant, tau, damping, normalize_out
     v = zero_masked_rows(v, mask, xp)                                        # (G, Nk, Dv)
     res = {}
     if variant == "expectation":
-        q_unit, _ = _unit_rows(q, xp)                                        # (G, Nq, D)
-        k_unit, _ = _unit_rows(k, xp)                                        # (G, Nk, D)
+        q_unit, _ = unit_rows(q, xp)                                        # (G, Nq, D)
+        k_unit, _ = unit_rows(k, xp)                                        # (G, Nk, D)
         u, row_mass = ops.expectation_sum(q_unit, k_unit, v, mask, tau, damping)   # (G, Nq, Dv), (G, Nq)
     else:
         if q_codes is None:                                                  # hash; the raw rows suffice
@@ -273,8 +273,8 @@ def backward_pipeline(ops, dout, q, k, v, out, res, *, mask, variant, tau, dampi
     du = output_normalization_backward(dout, out, res["u_norm"], normalize_output, xp)  # (G, Nq, Dv)
     k = zero_masked_rows(k, mask, xp)                                        # (G, Nk, D)
     v = zero_masked_rows(v, mask, xp)                                        # (G, Nk, Dv)
-    q_unit, q_norm = _unit_rows(q, xp)                                       # (G, Nq, D), (G, Nq)
-    k_unit, k_norm = _unit_rows(k, xp)                                       # (G, Nk, D), (G, Nk)
+    q_unit, q_norm = unit_rows(q, xp)                                       # (G, Nq, D), (G, Nq)
+    k_unit, k_norm = unit_rows(k, xp)                                       # (G, Nk, D), (G, Nk)
     if variant == "expectation" or grad == "expectation_surrogate":
         c = damping if variant == "expectation" else 1.0
         g = "surrogate" if grad == "expectation_surrogate" else grad

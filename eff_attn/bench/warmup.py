@@ -5,9 +5,9 @@ Numba compiles a kernel the first time it meets a type signature and, with
 processes load it in a fraction of a second. A cold first run of
 ``eff-attn compare`` spends most of its time compiling, one kernel after
 another, on one core: the compiler holds a process-wide lock.
-:func:`compile_ahead` runs each method's cells once, on a one-head copy of
-the problem (same length, head size, dtype and options, so the same kernels
-and signatures), in ``jobs`` spawned processes. Their kernels land in the
+:func:`compile_ahead` runs each method's cells once, on the same problem
+(a kernel's argument types can follow the shapes: a one-head copy missed
+some), in ``jobs`` spawned processes. Their kernels land in the
 shared cache, and the timed run in the parent then loads them.
 
 Only methods whose kernels are not cached at all take part
@@ -44,15 +44,16 @@ def has_cached_kernels(method) -> bool:
         return True
     try:
         module = importlib.import_module(impl.module)
-        dispatchers = [obj for obj in vars(module).values()
-                       if isinstance(obj, numba.core.dispatcher.Dispatcher) and obj.py_func.__module__ == module.__name__]
+        home = importlib.import_module(module.forward.__module__)         # where a re-exported forward lives
+        dispatchers = [obj for m in {module, home} for obj in vars(m).values()
+                       if isinstance(obj, numba.core.dispatcher.Dispatcher) and obj.py_func.__module__ == m.__name__]
         return not dispatchers or any(bool(d._cache._cache_file._load_index()) for d in dispatchers)
     except Exception:  # noqa: BLE001 - a Numba without these internals: behave as before (no pass)
         return True
 
 
 def warm_cells(task: dict) -> tuple[str, float]:
-    """Run one method's cells once on one head (in a worker); returns ``(method, seconds)``."""
+    """Run one method's cells once (in a worker); returns ``(method, seconds)``."""
     start = time.perf_counter()
     import numba
 
@@ -61,7 +62,7 @@ def warm_cells(task: dict) -> tuple[str, float]:
     from .targets import SOFTMAX, target_of
 
     numba.set_num_threads(1)                                 # the workers share the cores
-    problem = make_problem(task["problem"], task["n"], d=task["d"], heads=1)
+    problem = make_problem(task["problem"], task["n"], d=task["d"], heads=task["heads"])
     host, host64 = problem.astype(np.dtype(task["dtype"])), problem.astype(np.float64)
     targets = {SOFTMAX}
     for budget in task["budgets"]:
@@ -91,7 +92,7 @@ def compile_ahead(config, cells, jobs: int) -> dict[str, float]:
     """Warm the Numba cache for ``cells`` (``(n, method, budget, backend)`` tuples) in ``jobs`` processes.
 
     Returns ``{method: seconds}``, each worker's wall time for that method
-    (compiling or loading its kernels, plus one one-head call per cell);
+    (compiling or loading its kernels, plus one call per cell);
     ``{}`` when there is nothing to do or ``jobs <= 1``.
     """
     from .. import _backend
@@ -108,7 +109,8 @@ def compile_ahead(config, cells, jobs: int) -> dict[str, float]:
         if not cold[method.name]:
             continue
         task = tasks.setdefault((n, method.name), {
-            "method": method.name, "n": n, "problem": config.problem, "d": config.d, "dtype": config.dtype,
+            "method": method.name, "n": n, "problem": config.problem, "d": config.d, "heads": config.heads,
+            "dtype": config.dtype,
             "causal": config.causal, "budgets": [], "backends": [backend]})
         if budget not in task["budgets"]:
             task["budgets"].append(budget)

@@ -18,7 +18,7 @@ declare -A RUNS=(
   [exact]="--methods exact --backend numpy,numba --n 256,512,1024,2048,4096,8192 --problem gaussian --repeats 3 --out benchmarks/cpu/exact --no-plots"
   [clustered-2048]="--sweep --out benchmarks/cpu/clustered-2048"
   [real-512]="--problem real --n 512 --sweep --out benchmarks/cpu/real-512"
-  [scaling-gaussian]="--problem gaussian --n 1024,4096,8192 --seeds 1 --repeats 3 --out benchmarks/cpu/scaling-gaussian"
+  [scaling-gaussian]="--problem gaussian --n 1024,4096,16384 --seeds 1 --repeats 3 --out benchmarks/cpu/scaling-gaussian"
   [causal-gaussian-4096]="--problem gaussian --n 4096 --causal --seeds 1 --repeats 3 --out benchmarks/cpu/causal-gaussian-4096"
 )
 ORDER=(exact clustered-2048 real-512 scaling-gaussian causal-gaussian-4096)

@@ -168,7 +168,8 @@ def methods_numba_vs_numpy(N: int, repeats: int, rows: list, save, names=None, b
         method = registry.get_method(name)
         if method.impl("numba") is None:
             continue
-        fns = {b: (lambda b=b: eff_attn.attention(q, k, v, method=name, backend=b, rng=0))
+        extra = dict(method.compare_defaults)                              # e.g. Sparsefinder's state="fit"
+        fns = {b: (lambda b=b: eff_attn.attention(q, k, v, method=name, backend=b, rng=0, **extra))
                for b in ("numba", "numpy")}
         t = _interleaved(fns, repeats)
         gflop = method.flops(N, N, D, batch=HEADS) / 1e9

@@ -42,7 +42,7 @@ from .measure import peak_memory, time_call
 from .problems import make_problem
 from .report import BETTER_THAN_UNIFORM
 from .targets import SOFTMAX, Target, target_of
-from .warmup import compile_ahead
+from .warmup import cold_tasks, compile_ahead
 
 __all__ = ["CompareConfig", "run_compare", "environment", "expected_cost", "check_backends", "sdpa_inputs", "SDPA",
            "SDPA_CALL", "TORCH_MISSING"]
@@ -210,10 +210,10 @@ def _budget_list(method, mode: str) -> list[dict]:
 _CPU_FLOPS_PER_S = 2e9
 #: Seconds per call that do not scale with FLOPs (dispatch, scoring, allocation), for progress weights only.
 _CALL_OVERHEAD_S = 0.01
+#: Compiling one method's kernels on a cold cache, for progress weights only.
+_COMPILE_S = 10.0
 #: Fitting a learned state on the call's inputs, in seconds per million (query, key) pairs per slice
 #: (measured on a 2-core box at N = 2048); for progress weights only.
-#: Compiling one method's kernels on a cold cache, for progress weights only (a few seconds warm).
-_COMPILE_S = 10.0
 _FIT_S_PER_MPAIR = {"treeformer_tf": 0.4, "treeformer_tc": 0.4, "sparsefinder": 0.8}
 
 
@@ -315,8 +315,9 @@ def run_compare(config: CompareConfig, progress=None) -> dict:
     cells = [(n, method, budget, backend, expected_cost(method, budget, n, config))
              for n in config.ns for method in methods
              for budget in _budget_list(method, config.budgets) for backend in backends]
-    jobs = config.compile_jobs if _backend.available("numba")[0] else 0
-    compile_cost = _COMPILE_S * len({c[1].name for c in cells}) / max(jobs, 1) if jobs > 1 else 0.0
+    jobs = config.compile_jobs
+    tasks = cold_tasks(config, [c[:4] for c in cells]) if jobs > 1 else []   # none on a warm cache
+    compile_cost = _COMPILE_S * len(tasks) / jobs if tasks else 0.0
     total = (compile_cost + sum(c[-1] for c in cells)
              + sum(_sdpa_cost(n, config) for n in config.ns) * len(sdpa_devices))
 
@@ -325,10 +326,10 @@ def run_compare(config: CompareConfig, progress=None) -> dict:
             progress(label, advance, total)
 
     ahead, ahead_wall = {}, 0.0
-    if compile_cost:
+    if tasks:
         tick(f"compiling kernels ({jobs} processes)", 0)
         start = time.perf_counter()
-        ahead = compile_ahead(config, [c[:4] for c in cells], jobs)
+        ahead = compile_ahead(tasks, jobs)
         ahead_wall = time.perf_counter() - start
         tick(f"compiling kernels ({jobs} processes)", compile_cost)
 
@@ -345,7 +346,7 @@ def run_compare(config: CompareConfig, progress=None) -> dict:
             row["cell_s"] = time.perf_counter() - start                     # draws, fits, timing, scoring
             row["cell_cpu_s"] = time.process_time() - start_cpu             # all threads: steadier when shared
             if method.name in ahead:
-                row["compile_ahead_s"] = ahead[method.name]                 # a worker's compile + one-head calls
+                row["compile_ahead_s"] = ahead[method.name]                 # a worker's compile + one call per cell
             tick(label, cost)
             if row.get("status") == "skipped":
                 skipped.append({"n": n, **row})

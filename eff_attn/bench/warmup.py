@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-__all__ = ["compile_ahead", "warm_cells", "has_cached_kernels"]
+__all__ = ["cold_tasks", "compile_ahead", "warm_cells", "has_cached_kernels"]
 
 
 def has_cached_kernels(method) -> bool:
@@ -59,12 +59,12 @@ def warm_cells(task: dict) -> tuple[str, float]:
 
     from .. import api
     from .problems import make_problem
-    from .targets import SOFTMAX, target_of
+    from .targets import SOFTMAX, Target, target_of
 
     numba.set_num_threads(1)                                 # the workers share the cores
     problem = make_problem(task["problem"], task["n"], d=task["d"], heads=task["heads"])
     host, host64 = problem.astype(np.dtype(task["dtype"])), problem.astype(np.float64)
-    targets = {SOFTMAX}
+    targets = {SOFTMAX, Target("uniform", "uniform")}                 # the float64 references every run computes
     for budget in task["budgets"]:
         for backend in task["backends"]:
             try:
@@ -81,26 +81,17 @@ def warm_cells(task: dict) -> tuple[str, float]:
             api.attention(*host64, method=target.method, backend="numba", causal=task["causal"], **target.kwargs)
         except Exception:  # noqa: BLE001
             pass
-    try:
-        api.attention(*host64, method="uniform", backend="numba", causal=task["causal"])
-    except Exception:  # noqa: BLE001
-        pass
     return task["method"], time.perf_counter() - start
 
 
-def compile_ahead(config, cells, jobs: int) -> dict[str, float]:
-    """Warm the Numba cache for ``cells`` (``(n, method, budget, backend)`` tuples) in ``jobs`` processes.
-
-    Returns ``{method: seconds}``, each worker's wall time for that method
-    (compiling or loading its kernels, plus one call per cell);
-    ``{}`` when there is nothing to do or ``jobs <= 1``.
-    """
+def cold_tasks(config, cells) -> list[dict]:
+    """One task per (length, method) of ``cells`` (``(n, method, budget, backend)`` tuples) whose kernels are
+    not cached at all (:func:`has_cached_kernels`); ``[]`` without Numba or on a warm cache."""
     from .. import _backend
 
-    if jobs <= 1 or not _backend.available("numba")[0]:
-        return {}
-    tasks = {}
-    cold = {}
+    if not _backend.available("numba")[0]:
+        return []
+    tasks, cold = {}, {}
     for n, method, budget, backend in cells:
         if backend not in ("auto", "numba"):
             continue
@@ -110,15 +101,25 @@ def compile_ahead(config, cells, jobs: int) -> dict[str, float]:
             continue
         task = tasks.setdefault((n, method.name), {
             "method": method.name, "n": n, "problem": config.problem, "d": config.d, "heads": config.heads,
-            "dtype": config.dtype,
-            "causal": config.causal, "budgets": [], "backends": [backend]})
-        if budget not in task["budgets"]:
-            task["budgets"].append(budget)
-    if not tasks:
+            "dtype": config.dtype, "causal": config.causal, "budgets": [], "backends": []})
+        for key, value in (("budgets", budget), ("backends", backend)):
+            if value not in task[key]:
+                task[key].append(value)
+    return list(tasks.values())
+
+
+def compile_ahead(tasks: list[dict], jobs: int) -> dict[str, float]:
+    """Run :func:`cold_tasks`' ``tasks`` in ``jobs`` processes, filling the Numba cache.
+
+    Returns ``{method: seconds}``, each worker's wall time for that method
+    (compiling its kernels, plus one call per cell); ``{}`` when there is
+    nothing to do or ``jobs <= 1``.
+    """
+    if jobs <= 1 or not tasks:
         return {}
     context = multiprocessing.get_context("spawn")           # never fork a process that may hold threads
     seconds: dict[str, float] = {}
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
-        for name, elapsed in pool.map(warm_cells, tasks.values()):
+        for name, elapsed in pool.map(warm_cells, tasks):
             seconds[name] = seconds.get(name, 0.0) + elapsed
     return seconds

@@ -4,6 +4,11 @@
   loads), then ``repeats`` more times; the median and the interquartile
   range of those are reported. The first run minus the warm median is the
   compile (first-call) overhead.
+- **One pass** (:func:`measure_call`, what ``eff-attn compare`` uses): the
+  first call, then one warm call that is timed, memory-tracked and whose
+  result is kept for scoring, then more warm calls only while they fit the
+  time budget. A method that takes seconds (one that fits a state on its
+  inputs) is called twice, not six times.
 - **GPU timing** uses CUDA events around each call.
 - **Peak memory** on the CPU is the growth of the process's resident set:
   Linux lets a process reset its high-water mark (``/proc/self/clear_refs``),
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Timing", "time_call", "best_time", "peak_memory"]
+__all__ = ["Timing", "Measured", "time_call", "best_time", "peak_memory", "measure_call"]
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,10 @@ def _glibc():
     return _GLIBC["lib"]
 
 
-def peak_memory(fn, *, device: str = "cpu") -> int:
-    """Peak bytes allocated while ``fn()`` runs (see the module docstring)."""
+def _tracked(fn, device: str) -> tuple[int, object, float | None]:
+    """``(peak bytes, fn()'s result, seconds)`` of one call; seconds is None
+    where tracking slows the call (tracemalloc) or adds to it (a GPU pool
+    emptied first, so the call allocates afresh)."""
     if device == "gpu":
         import cupy
 
@@ -138,21 +145,62 @@ def peak_memory(fn, *, device: str = "cpu") -> int:
         _sync(device)
         pool.free_all_blocks()
         before = pool.total_bytes()
-        fn()
+        value = fn()
         _sync(device)
-        return int(pool.total_bytes() - before)
+        return int(pool.total_bytes() - before), value, None
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
     rss_before = _status_kib("VmRSS")
     if rss_before is not None and _reset_high_water_mark():
-        fn()
+        start = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - start
         hwm = _status_kib("VmHWM")
         if hwm is not None:
-            return max(0, (hwm - rss_before) * 1024)
+            return max(0, (hwm - rss_before) * 1024), value, seconds
     tracemalloc.start()
     try:
-        fn()
-        return int(tracemalloc.get_traced_memory()[1])
+        value = fn()
+        return int(tracemalloc.get_traced_memory()[1]), value, None
     finally:
         tracemalloc.stop()
+
+
+def peak_memory(fn, *, device: str = "cpu") -> int:
+    """Peak bytes allocated while ``fn()`` runs (see the module docstring)."""
+    return _tracked(fn, device)[0]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """:func:`measure_call`'s answer: the timing, the peak memory and the first warm call's result."""
+
+    timing: Timing
+    peak_bytes: int
+    result: object
+
+
+def measure_call(fn, *, device: str = "cpu", repeats: int = 5, time_budget_s: float = 2.0) -> Measured:
+    """Time, peak memory and result of ``fn()``, in as few calls as its cost allows.
+
+    1. A first call: compilation and caches; its time is ``first_s``.
+    2. One warm call with its peak memory tracked (:func:`peak_memory`) and
+       its result kept, so the caller scores it rather than calling again. On
+       the CPU it is also the first warm time sample (tracking happens
+       outside the timer).
+    3. More warm calls until there are ``repeats`` samples, or as many as
+       fit in ``time_budget_s`` at the first warm call's pace (at least one).
+
+    A call slower than ``time_budget_s`` is thus run twice on the CPU.
+    """
+    _sync(device)
+    _glibc()                                                  # the allocator as every timed call will see it
+    first = _timed(fn, device)
+    peak, result, seconds = _tracked(fn, device)
+    warm = [seconds if seconds is not None else _timed(fn, device)]
+    wanted = max(1, min(repeats, int(time_budget_s / max(warm[0], 1e-6))))
+    while len(warm) < wanted:
+        warm.append(_timed(fn, device))
+    q25, median, q75 = np.percentile(warm, [25, 50, 75])
+    return Measured(Timing(first, float(median), float(q25), float(q75), len(warm)), peak, result)

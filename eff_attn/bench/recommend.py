@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import _backend, api, metrics, registry
 from ..registry import NotSupportedError
-from .measure import peak_memory, time_call
+from .measure import measure_call
 from .report import budget_label, fastest_within, pareto_front, progress_bar
 
 __all__ = ["sweep", "choose", "recommend", "downstream_change", "load_model_spec", "print_report",
@@ -93,17 +93,15 @@ def _row(method, budget, backend, scores, timing, mem, flops) -> dict:
 def _cell(method, budget, backend, arrays, truth, *, causal, seeds, repeats, time_budget_s):
     calls = [api.prepare(*arrays, method=method.name, backend=backend, causal=causal, rng=seed, **budget)
              for seed in range(seeds if method.randomized else 1)]
-    outputs = [call.run_forward() for call in calls]                    # the first run also compiles
+    measured = measure_call(calls[0].run_forward, repeats=repeats, time_budget_s=time_budget_s)
+    outputs = [measured.result] + [call.run_forward() for call in calls[1:]]   # seed 0's from its warm call
     scores = {key: [] for key in _ERRORS}
     for call, (out, _) in zip(calls, outputs):
         for key, value in _scores(call.problem.unflatten(out), *truth).items():
             scores[key].append(value)
     call = calls[0]
-    first = time_call(call.run_forward, repeats=1)
-    reps = max(1, min(repeats, int(time_budget_s / max(first.warm_median_s, 1e-6))))
-    timing = time_call(call.run_forward, repeats=reps)
     flops = api.build_info(call, outputs[0][1])["flops"]
-    return _row(method, budget, call.impl.backend, scores, timing, peak_memory(call.run_forward), flops)
+    return _row(method, budget, call.impl.backend, scores, measured.timing, measured.peak_bytes, flops)
 
 
 def _sdpa_row(arrays, truth, causal, repeats):
@@ -115,12 +113,12 @@ def _sdpa_row(arrays, truth, causal, repeats):
     def call():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
 
-    out = call()[0].numpy()                                                 # (heads, n, Dv)
-    timing = time_call(call, repeats=repeats)
+    measured = measure_call(call, repeats=repeats)
+    out = measured.result[0].numpy()                                        # (heads, n, Dv)
     heads, n, d = arrays[0].shape
     flops = heads * n * n * (2 * d + 2 * arrays[2].shape[-1] + 5)
     scores = {key: [value] for key, value in _scores(out, *truth).items()}
-    return _row("sdpa", {}, "torch-cpu", scores, timing, peak_memory(call), flops)
+    return _row("sdpa", {}, "torch-cpu", scores, measured.timing, measured.peak_bytes, flops)
 
 
 def sweep(problem, *, causal=False, methods=None, backends=("auto",), dtype="float32", seeds=1, repeats=5,

@@ -38,7 +38,7 @@ import numpy as np
 from .. import _backend, _dispatch, api, metrics, registry
 from .._validate import check_inputs
 from ..registry import NotSupportedError
-from .measure import peak_memory, time_call
+from .measure import measure_call
 from .problems import make_problem
 from .report import BETTER_THAN_UNIFORM
 from .targets import SOFTMAX, Target, target_of
@@ -234,12 +234,11 @@ def expected_cost(method, budget: dict, n: int, config: CompareConfig) -> float:
         flops = method.flops(n, n, config.d, config.d, batch=config.heads, causal=bool(config.causal), **scalars)
     except Exception:                                                      # the cell will report why
         return _CALL_OVERHEAD_S
-    seconds = flops / _CPU_FLOPS_PER_S + _CALL_OVERHEAD_S
-    calls = 2 + min(config.repeats, max(1, int(config.time_budget_s / seconds)))   # first, warm, memory
-    calls += config.seeds if method.randomized else 1                              # scoring
     fit = _FIT_S_PER_MPAIR.get(method.name, 0.0) * config.heads * n * n / 1e6 if _fits(method, budget) else 0.0
-    seeds = config.seeds if method.randomized else 1
-    return calls * seconds + seeds * fit
+    seconds = flops / _CPU_FLOPS_PER_S + _CALL_OVERHEAD_S + fit                    # every call fits its state
+    calls = 1 + min(config.repeats, max(1, int(config.time_budget_s / seconds)))   # first, warm (measure_call)
+    calls += config.seeds - 1 if method.randomized else 0                          # the other seeds' scoring
+    return calls * seconds
 
 
 def _sdpa_cost(n: int, config: CompareConfig) -> float:
@@ -280,13 +279,10 @@ def _time_sdpa(q, k, v, causal, repeats, time_budget_s):
         return out
 
     dev = "gpu" if device == "cuda" else "cpu"
-    first = time_call(sync_call, device=dev, repeats=1)
-    reps = max(1, min(repeats, int(time_budget_s / max(first.first_s, 1e-6))))
-    timing = time_call(sync_call, device=dev, repeats=reps)
-    mem = peak_memory(sync_call, device=dev)
-    out = call()[0]                                                        # (H, N, D)
+    measured = measure_call(sync_call, device=dev, repeats=repeats, time_budget_s=time_budget_s)
+    out = measured.result[0]                                               # (H, N, D)
     out = out.cpu().numpy() if device == "cuda" else out.numpy()
-    return out, timing, mem
+    return out, measured.timing, measured.peak_bytes
 
 
 def _torch_missing() -> str | None:
@@ -386,16 +382,13 @@ def _run_cell(method, budget, backend, host, truth, config):
         return {"status": "skipped", "method": method.name, "budget": budget, "backend": backend, "reason": str(exc)}
     call = calls[0]
     dev = "gpu" if call.impl.backend == "cupy" else "cpu"
-    first = time_call(call.run_forward, device=dev, repeats=1)
-    reps = max(1, min(config.repeats, int(config.time_budget_s / max(first.warm_median_s, 1e-6))))
-    timing = time_call(call.run_forward, device=dev, repeats=reps)
-    timing = type(timing)(first.first_s, timing.warm_median_s, timing.warm_q25_s, timing.warm_q75_s, timing.repeats)
-    mem = peak_memory(call.run_forward, device=dev)
+    measured = measure_call(call.run_forward, device=dev, repeats=config.repeats,
+                            time_budget_s=config.time_budget_s)   # seed 0's output comes from its warm call
     target = target_of(method.name, call.params)
     errs = {}
     flops = None
     for c in calls:
-        out, res = c.run_forward()
+        out, res = measured.result if c is call else c.run_forward()
         out = c.problem.unflatten(out)
         out = out.get() if hasattr(out, "get") else out
         for key, value in _errors(out, truth, target).items():
@@ -409,7 +402,8 @@ def _run_cell(method, budget, backend, host, truth, config):
     value = used if isinstance(used, (bool, int, float, str, np.integer, np.floating)) else \
         _budget_value(method, budget)
     return _row(None, None, method.name, method.budget_name, value, call.impl.backend,
-                errs, timing, mem, flops=flops, config=config, budget=budget, target=target)
+                errs, measured.timing, measured.peak_bytes, flops=flops, config=config, budget=budget,
+                target=target)
 
 
 def _row(n, problem, method, budget_name, budget_value, backend, errs, timing, mem, *, flops, config, target,

@@ -51,10 +51,11 @@ def masked_softmax(scores, visible, xp=np):
         ``mu + log l``; ``-inf`` on empty rows.
     """
     scores = xp.where(visible, scores, -xp.inf)                             # (..., Nq, Nk)
-    mu = safe_row_max(scores, xp)                                           # (..., Nq, 1)
+    mu = safe_row_max(scores, xp)                                           # (..., Nq, 1); 0 on empty rows
     with np.errstate(invalid="ignore"):                                     # inf - inf where S = mu = +inf
-        e = xp.where(scores == mu, 1.0, xp.exp(scores - mu))                # (..., Nq, Nk); exp(inf - inf) := 1
-    e = xp.where(visible, e, 0.0).astype(scores.dtype)                      # (..., Nq, Nk)
+        e = xp.exp(scores - mu)                                             # (..., Nq, Nk); 0 where not visible
+    if xp.any(mu == xp.inf):                                                # rows scored +inf somewhere:
+        e = xp.where(scores == mu, 1.0, e)                                  # exp(inf - inf) := 1
     ell = e.sum(axis=-1, keepdims=True)                                     # (..., Nq, 1)
     P = e / xp.where(ell > 0, ell, 1.0)                                     # (..., Nq, Nk); empty rows 0
     lse = (mu + safe_log(ell, xp))[..., 0]                                  # (..., Nq)

@@ -42,7 +42,7 @@ from .measure import measure_call
 from .problems import make_problem
 from .report import BETTER_THAN_UNIFORM
 from .targets import SOFTMAX, Target, target_of
-from .warmup import cold_tasks, compile_ahead
+from .warmup import cold_tasks, compile_ahead, compile_seconds
 
 __all__ = ["CompareConfig", "run_compare", "environment", "expected_cost", "check_backends", "sdpa_inputs", "SDPA",
            "SDPA_CALL", "TORCH_MISSING"]
@@ -210,8 +210,6 @@ def _budget_list(method, mode: str) -> list[dict]:
 _CPU_FLOPS_PER_S = 2e9
 #: Seconds per call that do not scale with FLOPs (dispatch, scoring, allocation), for progress weights only.
 _CALL_OVERHEAD_S = 0.01
-#: Compiling one method's kernels on a cold cache, for progress weights only.
-_COMPILE_S = 10.0
 #: Fitting a learned state on the call's inputs, in seconds per million (query, key) pairs per slice
 #: (measured on a 2-core box at N = 2048); for progress weights only.
 _FIT_S_PER_MPAIR = {"treeformer_tf": 0.4, "treeformer_tc": 0.4, "sparsefinder": 0.8}
@@ -313,7 +311,7 @@ def run_compare(config: CompareConfig, progress=None) -> dict:
              for budget in _budget_list(method, config.budgets) for backend in backends]
     jobs = config.compile_jobs
     tasks = cold_tasks(config, [c[:4] for c in cells]) if jobs > 1 else []   # none on a warm cache
-    compile_cost = _COMPILE_S * len(tasks) / jobs if tasks else 0.0
+    compile_cost = sum(compile_seconds(t) for t in tasks) / jobs if tasks else 0.0
     total = (compile_cost + sum(c[-1] for c in cells)
              + sum(_sdpa_cost(n, config) for n in config.ns) * len(sdpa_devices))
 

@@ -26,7 +26,21 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-__all__ = ["cold_tasks", "compile_ahead", "warm_cells", "has_cached_kernels"]
+__all__ = ["cold_tasks", "compile_ahead", "warm_cells", "has_cached_kernels", "compile_seconds", "COMPILE_S"]
+
+#: Seconds a worker takes to compile each method's default compare cells on an empty cache, float64
+#: targets included (``python scripts/compile_profile.py``, 2-core box, see the benchmarks page). They
+#: order the tasks, longest first, and weight the progress bar; nothing else reads them.
+COMPILE_S = {"exact": 26.0, "uniform": 18.0, "topk_oracle": 40.0, "yoso": 41.0, "kdeformer": 43.0, "local": 1.0,
+             "performer": 44.0, "routing": 53.0, "nystrom": 50.0, "reformer": 38.0, "treeformer_tf": 33.0,
+             "treeformer_tc": 27.0, "entmax": 51.0, "sparsefinder": 61.0}
+#: A method missing from :data:`COMPILE_S`.
+_COMPILE_S_OTHER = 30.0
+
+
+def compile_seconds(task: dict) -> float:
+    """A task's expected compile seconds (:data:`COMPILE_S`)."""
+    return COMPILE_S.get(task["method"], _COMPILE_S_OTHER)
 
 
 def has_cached_kernels(method) -> bool:
@@ -86,7 +100,8 @@ def warm_cells(task: dict) -> tuple[str, float]:
 
 def cold_tasks(config, cells) -> list[dict]:
     """One task per (length, method) of ``cells`` (``(n, method, budget, backend)`` tuples) whose kernels are
-    not cached at all (:func:`has_cached_kernels`); ``[]`` without Numba or on a warm cache."""
+    not cached at all (:func:`has_cached_kernels`); ``[]`` without Numba or on a warm cache. In the order
+    the workers should take them."""
     from .. import _backend
 
     if not _backend.available("numba")[0]:
@@ -105,7 +120,9 @@ def cold_tasks(config, cells) -> list[dict]:
         for key, value in (("budgets", budget), ("backends", backend)):
             if value not in task[key]:
                 task[key].append(value)
-    return list(tasks.values())
+    # Longest first, so that no worker starts a long task last; but exact before all: its float64
+    # kernels are every task's softmax target, which the others then load from the cache.
+    return sorted(tasks.values(), key=lambda t: (t["method"] != "exact", -compile_seconds(t)))
 
 
 def compile_ahead(tasks: list[dict], jobs: int) -> dict[str, float]:

@@ -219,3 +219,17 @@ def test_compile_ahead_fills_a_cold_cache_and_skips_a_warm_one(tmp_path):
     assert result.returncode == 0, result.stderr
     before, first, after, second, serial = json.loads(result.stdout.strip().splitlines()[-1])
     assert (before, first, after, second, serial) == (False, ["uniform"], True, {}, {})
+
+
+def test_cold_tasks_put_exact_first_then_the_longest_compiles(monkeypatch):
+    """exact's float64 kernels are every task's target, so it goes first; then longest first (LPT)."""
+    from eff_attn import registry
+    from eff_attn.bench import warmup
+    from eff_attn.bench.runner import CompareConfig
+
+    monkeypatch.setattr(warmup, "has_cached_kernels", lambda method: False)
+    monkeypatch.setattr(warmup, "COMPILE_S", {"exact": 1.0, "uniform": 5.0, "yoso": 30.0, "local": 20.0})
+    names = ["uniform", "local", "exact", "yoso"]
+    cells = [(64, registry.get_method(n), {}, "auto") for n in names]
+    tasks = warmup.cold_tasks(CompareConfig(methods=names, ns=[64]), cells)
+    assert [t["method"] for t in tasks] == ["exact", "yoso", "local", "uniform"]

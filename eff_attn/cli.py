@@ -133,8 +133,9 @@ def _methods() -> int:
 
     for name in registry.method_names():
         m = registry.get_method(name)
-        sweep = ", ".join(str(b.get(m.budget_name, b)) for b in m.budgets) if m.budget_name else "-"
-        print(f"{name:14s} {m.summary}  [{m.budget_name or 'no budget'}: {sweep}]")
+        sweep = ", ".join(str(b.get(m.budget_name, b)) for b in m.sweep(2048)) if m.budget_name else "-"
+        at = " at N = 2048" if callable(m.budgets) else ""
+        print(f"{name:14s} {m.summary}  [{m.budget_name or 'no budget'}{at}: {sweep}]")
     return 0
 
 

@@ -198,9 +198,12 @@ class Method:
         ``params`` holds what the backend received (resolved and drawn).
         The API calls it after each forward, so that a backend never calls
         back into its method's package.
-    budgets : tuple of dict
+    budgets : tuple of dict, or callable
         The parameter sweep that ``eff-attn compare`` runs for this method,
-        cheapest first. Each dict is a set of keyword arguments.
+        cheapest first. Each dict is a set of keyword arguments. A callable
+        ``budgets(Nk) -> tuple of dict`` sizes the sweep to the number of
+        keys (Treeformer's heights: leaves of 32 to 256 keys at any length);
+        read it through :meth:`sweep`.
     budget_name : str
         The parameter the sweep varies, for table headers and plots.
     compare_defaults : dict
@@ -226,7 +229,7 @@ class Method:
     draw: Callable[..., dict] | None = None
     info: Callable[..., dict] | None = None
     finish: Callable[..., dict] | None = None
-    budgets: tuple[dict, ...] = ({},)
+    budgets: tuple[dict, ...] | Callable[[int], tuple[dict, ...]] = ({},)
     budget_name: str = ""
     compare_defaults: dict = field(default_factory=dict)
     sharding: Sharding | None = None
@@ -235,6 +238,11 @@ class Method:
     @property
     def randomized(self) -> bool:
         return self.draw is not None
+
+    def sweep(self, Nk: int) -> list[dict]:
+        """The budget sweep at ``Nk`` keys (:attr:`budgets`), as fresh dicts."""
+        budgets = self.budgets(Nk) if callable(self.budgets) else self.budgets
+        return [dict(b) for b in budgets]
 
     def impl(self, backend: str) -> Impl | None:
         for impl in self.impls:

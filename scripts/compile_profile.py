@@ -48,8 +48,8 @@ def profile_one(name: str) -> dict:
     event.register("numba:compile", Listener())
     config = runner.CompareConfig(methods=[name])
     method = get_method(name)
-    cells = [(n, method, budget, backend) for n in config.ns for budget in runner._budget_list(method, config.budgets)
-             for backend in runner._backends_for(config)]
+    cells = [(n, method, budget, backend) for n in config.ns
+             for budget in runner._budget_list(method, config.budgets, n) for backend in runner._backends_for(config)]
     start = time.perf_counter()
     for task in warmup.cold_tasks(config, cells):
         warmup.warm_cells(task)

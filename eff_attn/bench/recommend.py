@@ -134,7 +134,7 @@ def sweep(problem, *, causal=False, methods=None, backends=("auto",), dtype="flo
     rows, skipped = [], []
     for name in names:
         method = registry.get_method(name)
-        for budget in method.budgets:
+        for budget in method.sweep(arrays[1].shape[-2]):
             for backend in backends:
                 label = f"{name} {', '.join(f'{k}={v}' for k, v in budget.items()) or 'default'} [{backend}]"
                 if progress is not None:
@@ -153,10 +153,10 @@ def sweep(problem, *, causal=False, methods=None, backends=("auto",), dtype="flo
     return rows, skipped
 
 
-def sweep_cost(methods=None, backends=("auto",)) -> float:
-    """The total of the progress units :func:`sweep` will report."""
+def sweep_cost(methods=None, backends=("auto",), *, n: int) -> float:
+    """The total of the progress units :func:`sweep` will report at ``n`` keys."""
     names = list(methods) if methods else registry.method_names()
-    return sum(CELL_COST.get(n, 1.0) * len(registry.get_method(n).budgets) * len(backends) for n in names)
+    return sum(CELL_COST.get(name, 1.0) * len(registry.get_method(name).sweep(n)) * len(backends) for name in names)
 
 
 def choose(rows, target: float) -> dict:
@@ -488,7 +488,7 @@ def run_from_cli(args, defaults) -> int:
             problem = make_problem(args.problem, n, d=32 if args.problem == "real" else args.d, heads=args.heads)
         causal = bool(args.causal or problem.meta.get("causal", False))
         with progress_bar(console) as bar:
-            task = bar.add_task("sweep", total=sweep_cost(methods, backends))
+            task = bar.add_task("sweep", total=sweep_cost(methods, backends, n=problem.k.shape[-2]))
             result = recommend(problem, args.target, causal=causal, methods=methods, backends=backends,
                                dtype=args.dtype, seeds=args.seeds, repeats=args.repeats, sdpa=not args.no_sdpa,
                                progress=lambda label, advance: bar.update(task, description=label, advance=advance))

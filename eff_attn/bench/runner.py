@@ -198,12 +198,12 @@ def check_backends(backends: list[str]) -> None:
             raise NotSupportedError(f"backend={name!r} cannot run here: {why}")
 
 
-def _budget_list(method, mode: str) -> list[dict]:
+def _budget_list(method, mode: str, n: int) -> list[dict]:
     if mode == "default":
         return [dict(method.compare_defaults)]
     if mode != "all":
         raise ValueError(f"budgets={mode!r} is not 'default' or 'all'")
-    return [dict(b) for b in method.budgets]
+    return method.sweep(n)
 
 
 #: Rough sustained rate of an attention kernel on one CPU core, for progress weights only.
@@ -308,7 +308,7 @@ def run_compare(config: CompareConfig, progress=None) -> dict:
     sdpa_devices = sorted({("gpu" if b == "cupy" else "cpu") for b in backends} or {"cpu"}) if config.sdpa else []
     cells = [(n, method, budget, backend, expected_cost(method, budget, n, config))
              for n in config.ns for method in methods
-             for budget in _budget_list(method, config.budgets) for backend in backends]
+             for budget in _budget_list(method, config.budgets, n) for backend in backends]
     jobs = config.compile_jobs
     tasks = cold_tasks(config, [c[:4] for c in cells]) if jobs > 1 else []   # none on a warm cache
     compile_cost = sum(compile_seconds(t) for t in tasks) / jobs if tasks else 0.0

@@ -1000,3 +1000,17 @@ def test_nan_query_propagates_instead_of_failing_the_svd(method):
     q[0, 3] = np.nan
     out = eff_attn.attention(q, k, v, method=method, backend="numpy", height=2, check_finite=False)
     assert np.isnan(out[0, 3]).all() and np.isfinite(np.delete(out[0], 3, axis=0)).all()
+
+
+@pytest.mark.parametrize("name", ["treeformer_tf", "treeformer_tc"])
+def test_the_budget_sweep_keeps_leaves_of_32_to_256_keys_at_every_length(name):
+    method = eff_attn.registry.get_method(name)
+    assert [b["height"] for b in method.sweep(2048)] == [6, 5, 4, 3]       # the sweep of the default problem
+    assert [b["height"] for b in method.sweep(512)] == [4, 3, 2, 1]
+    assert [b["height"] for b in method.sweep(256)] == [3, 2, 1]            # no height 0 (exact attention)
+    for Nk in (1000, 4096, 65536):
+        heights = [b["height"] for b in method.sweep(Nk)]
+        assert heights == sorted(heights, reverse=True) and len(heights) == 4      # cheapest (most leaves) first
+        assert all(32 <= Nk / 2**h < 2 * 256 for h in heights), (Nk, heights)
+        assert all(b["tree_init"] == "fit" for b in method.sweep(Nk))
+    assert [b["height"] for b in method.sweep(64)] == [1]

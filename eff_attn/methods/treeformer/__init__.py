@@ -280,7 +280,15 @@ def info_tc(problem, params, res) -> dict:
     return info
 
 
-_BUDGETS = tuple({"height": h, "tree_init": "fit"} for h in (6, 5, 4, 3))
+def _sweep(Nk: int) -> tuple[dict, ...]:
+    """Heights whose leaves hold about 32 to 256 keys at ``Nk`` keys, cheapest first: 6, 5, 4, 3 at 2048.
+
+    A fixed sweep would spend most of its fitting time, at short lengths, on
+    trees with a handful of keys per leaf (height 6 at 512 keys: 8).
+    """
+    top = default_height(Nk) + 1                                            # leaves of about 32 keys
+    heights = {min(MAX_HEIGHT, max(1, h)) for h in range(top - 3, top + 1)}
+    return tuple({"height": h, "tree_init": "fit"} for h in sorted(heights, reverse=True))
 
 
 def _impls(supports_causal: bool):
@@ -313,7 +321,7 @@ TF_METHOD = Method(
     draw=draw,
     info=info_tf,
     impls=_impls(True),
-    budgets=_BUDGETS,
+    budgets=_sweep,
     budget_name="height",
     sharding=_SHARDING,
 )
@@ -326,7 +334,7 @@ TC_METHOD = Method(
     draw=draw,
     info=info_tc,
     impls=_impls(False),
-    budgets=_BUDGETS,
+    budgets=_sweep,
     budget_name="height",
     sharding=_SHARDING,
 )

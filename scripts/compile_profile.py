@@ -10,6 +10,11 @@ overlap; ``wall`` is the whole task.
 
     python scripts/compile_profile.py                 # every method, one line of JSON each
     python scripts/compile_profile.py exact nystrom   # some
+    python scripts/compile_profile.py --out benchmarks/cpu/compile-profile/results.json
+
+With ``--out``, also a table in the generic format of
+``scripts/publish_docs_numbers.py`` (the benchmarks page shows it): per
+method, the task's seconds and its three costliest kernels of the package.
 """
 
 from __future__ import annotations
@@ -57,6 +62,23 @@ def profile_one(name: str) -> dict:
     return {"method": name, "wall_s": round(time.perf_counter() - start, 2), "kernels": kernels}
 
 
+def table(results: list[dict], command: str) -> dict:
+    """The generic table of ``scripts/publish_docs_numbers.py`` from :func:`profile_one`'s results."""
+    from eff_attn.bench.runner import environment
+
+    env = environment()
+    rows = []
+    for r in results:
+        own = [k for k in r["kernels"] if k[2].startswith("eff_attn.")][:3]
+        names = [k[2].removeprefix("eff_attn.").removeprefix("methods.").replace(".numba.", ".") for k in own]
+        rows.append([r["method"], r["wall_s"], ", ".join(f"`{n}` {k[0]:.1f}" for n, k in zip(names, own))])
+    total = sum(r["wall_s"] for r in results)
+    return {"command": command, "columns": ["method", "compile task", "costliest kernels (s, with their callees)"],
+            "formats": {"compile task": "{:.1f} s"}, "rows": rows,
+            "machine": f"{env['cpu_count']} cores, {env['cpu']}, numba {env['versions'].get('numba', '?')}, {env['date']}",
+            "note": f"One process per method on an empty cache, one after another: {total:.0f} s in all."}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -64,12 +86,25 @@ def main(argv=None):
         return
     from eff_attn import registry
 
+    out_path = None
+    if "--out" in argv:
+        at = argv.index("--out")
+        out_path, argv = argv[at + 1], argv[:at] + argv[at + 2:]
+    results = []
     for name in argv or registry.method_names():
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "NUMBA_CACHE_DIR": cache}
             out = subprocess.run([sys.executable, __file__, "--child", name], env=env, cwd=ROOT, check=True,
                                  capture_output=True, text=True).stdout
-        print(out.strip().splitlines()[-1], flush=True)
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    if out_path:
+        command = "python scripts/compile_profile.py " + " ".join([*argv, "--out", out_path])
+        path = os.path.join(ROOT, out_path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(table(results, command.strip()), fh, indent=1)
+            fh.write("\n")
 
 
 if __name__ == "__main__":

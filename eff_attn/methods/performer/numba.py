@@ -55,10 +55,16 @@ def _omega(omega, g):
 @serial
 def _logits(x, om, sqrt_s, lam):
     """``lam <- (sqrt(s) x) Omega^T - |sqrt(s) x|^2 / 2`` for a block of rows, in place; returns ``x~``."""
-    xt = x * sqrt_s                                                        # (B, D)
+    B, D = x.shape
+    xt = np.empty((B, D), dtype=x.dtype)                                   # (B, D)
+    for r in range(B):
+        for d in range(D):
+            xt[r, d] = x[r, d] * sqrt_s
     np.dot(xt, om.T, lam)                                                  # (B, m)
-    for r in range(xt.shape[0]):
-        lam[r] -= 0.5 * np.dot(xt[r], xt[r])
+    for r in range(B):
+        half_norm = 0.5 * np.dot(xt[r], xt[r])
+        for c in range(lam.shape[1]):
+            lam[r, c] -= half_norm
     return xt
 
 
@@ -71,9 +77,11 @@ def _to_features(row, shift, eps, ratio, textbook, bits):
     else:
         exp_shifted(row, shift, bits)
     if eps != 0:
-        row += eps
+        for c in range(row.shape[0]):
+            row[c] += eps
     if ratio != 1:
-        row *= ratio
+        for c in range(row.shape[0]):
+            row[c] *= ratio
 
 
 @serial
@@ -140,13 +148,16 @@ def _key_states_kernel(lam, vx, keep, shifts, eps, ratio, textbook, chunk, S):
         bits = np.empty(m, dtype=np.int32)
         for j in range(j0, j1):
             if has_mask and not keep[g, j]:
-                lam[g, j] = 0
+                for f in range(m):
+                    lam[g, j, f] = 0
             else:
                 _to_features(lam[g, j], shifts[g, c], eps, ratio, textbook, bits)
         if j1 > j0:
             np.dot(lam[g, j0:j1].T, vx[g, j0:j1], S[g, c])                 # (m, Dv + 1)
         else:
-            S[g, c] = 0
+            for f in range(m):
+                for e in range(S.shape[3]):
+                    S[g, c, f, e] = 0
 
 
 #: Feature rows per task of the scan: one task streams a contiguous (rows, Dv + 1) block per chunk.
@@ -160,18 +171,25 @@ def _scan_kernel(x, decay, gain, reverse, store, out, final):
     n_blocks = (m + SCAN_ROWS - 1) // SCAN_ROWS
     for task in prange(G * n_blocks):
         g, r0, r1 = _rows_of(task, n_blocks, SCAN_ROWS, m)
-        acc = np.zeros((r1 - r0, F), dtype=x.dtype)
+        acc = np.empty((r1 - r0, F), dtype=x.dtype)                         # np.zeros would be a nested parfor
+        for r in range(r1 - r0):
+            for f in range(F):
+                acc[r, f] = 0
         # Invariant: acc is the (decayed) sum over the chunks visited so far, at the current chunk's shift.
         for step in range(n_c):
             c = n_c - 1 - step if reverse else step
             if store:
-                out[g, c, r0:r1] = acc
+                for r in range(r1 - r0):
+                    for f in range(F):
+                        out[g, c, r0 + r, f] = acc[r, f]
             d, w = decay[g, c], gain[g, c]
             xc = x[g, c, r0:r1]
             for r in range(r1 - r0):
                 for f in range(F):
                     acc[r, f] = d * acc[r, f] + w * xc[r, f]
-        final[g, r0:r1] = acc
+        for r in range(r1 - r0):
+            for f in range(F):
+                final[g, r0 + r, f] = acc[r, f]
 
 
 @kernel
@@ -206,11 +224,18 @@ def _causal_outputs_kernel(a, b, vx, E, alpha, beta, offset, i_first, chunk, num
             continue
         out = numden[g, i0:i1]                                             # (B, Dv + 1)
         np.dot(a[g, i0:i1], E[g, c], out)                                  # prefix, at shift T_(c-1)
-        out *= alpha[g, c]
+        al = alpha[g, c]
+        for r in range(i1 - i0):
+            for f in range(out.shape[1]):
+                out[r, f] *= al
         if j1 > j0:
             w = np.dot(a[g, i0:i1], b[g, j0:j1].T)                         # (B, C') query x key
             _causal_tril(w, i0, j0, offset)
-            out += beta[g, c] * np.dot(w, vx[g, j0:j1])
+            inner = np.dot(w, vx[g, j0:j1])                                # (B, Dv + 1)
+            be = beta[g, c]
+            for r in range(i1 - i0):
+                for f in range(out.shape[1]):
+                    out[r, f] += be * inner[r, f]
 
 
 # --- backward ---------------------------------------------------------------------------

@@ -94,12 +94,44 @@ def _route_kernel(x, mu, head_of, block, R, best):
             best[g, i0 + r] = arg
 
 
+@serial
+def _kth_smallest(a, n, kth):
+    """The ``kth`` smallest (0-based) of ``a[:n]``, which holds no NaN; reorders ``a[:n]``.
+
+    Quickselect with a median-of-three pivot and a three-way partition
+    (``< pivot | == pivot | > pivot``), so runs of equal values (dropped
+    rows at ``+inf``) cost one pass. Expected O(n).
+    """
+    lo, hi = 0, n - 1
+    while lo < hi:
+        x, y, z = a[lo], a[(lo + hi) // 2], a[hi]
+        pivot = max(min(x, y), min(max(x, y), z))                          # the median of the three
+        lt, i, gt = lo, lo, hi
+        while i <= gt:
+            if a[i] < pivot:
+                a[lt], a[i] = a[i], a[lt]
+                lt += 1
+                i += 1
+            elif a[i] > pivot:
+                a[i], a[gt] = a[gt], a[i]
+                gt -= 1
+            else:
+                i += 1
+        if kth < lt:
+            hi = lt - 1
+        elif kth > gt:
+            lo = gt + 1
+        else:
+            return pivot
+    return a[kth]
+
+
 @kernel
 def _top_windows_kernel(R, dropped, keep_dropped, w, out):
     """Window ``(g, c)``: the first ``w`` positions by ``(-R[:, c], position)``, ascending, -1 padded.
 
     Selection in O(N) instead of a sort: ``tau`` is the w-th smallest ``-R``
-    (``np.partition``); a scan in position order then takes every entry
+    (:func:`_kth_smallest`, a quickselect); a scan in position order then takes every entry
     below ``tau`` and the first ``w - #{below}`` entries equal to it, which
     is exactly the top ``w`` of the ``(-R, position)`` order, already ascending.
     NaN scores rank after every number (as in the reference's sort): they
@@ -111,14 +143,18 @@ def _top_windows_kernel(R, dropped, keep_dropped, w, out):
         g = task // C
         c = task % C
         neg = np.empty(N, dtype=R.dtype)                                   # (N,) -R, +inf if dropped
+        numbers = np.empty(N, dtype=R.dtype)                               # (m,) the non-NaN entries of neg
+        m = 0
         for i in range(N):
             neg[i] = -R[g, i, c]
             if has_drop and dropped[g, i]:
                 neg[i] = np.inf
-        numbers = neg[~np.isnan(neg)]                                      # NaN ranks last, as in a sort
-        nan_left = max(0, w - numbers.size)                               # NaN entries the window takes
+            if neg[i] == neg[i]:                                           # NaN ranks last, as in a sort
+                numbers[m] = neg[i]
+                m += 1
+        nan_left = max(0, w - m)                                           # NaN entries the window takes
         if nan_left == 0:
-            tau = np.partition(numbers, w - 1)[w - 1]
+            tau = _kth_smallest(numbers, m, w - 1)
             ties = w
             for i in range(N):
                 if neg[i] < tau:
@@ -191,7 +227,8 @@ def _query_tile(q, qrow, qperm, krow, kperm, g, a0, a1, k0, nk, causal, offset, 
     kend = 0
     for r in range(a1 - a0):
         i = qrow[g, qperm[g, a0 + r]]
-        qs[r] = q[g, i] * scale
+        for d in range(qs.shape[1]):
+            qs[r, d] = q[g, i, d] * scale
         limit[r] = _visible_prefix(krow, kperm, g, k0, nk, i + offset) if causal else nk
         kend = max(kend, limit[r])
     return kend
@@ -202,8 +239,10 @@ def _key_tile(k, v, krow, kperm, g, k0, j0, j1, kt, vt):
     """Gather keys ``j0..j1`` of the segment starting at ``k0`` into ``kt``, ``vt``."""
     for c in range(j1 - j0):
         j = krow[g, kperm[g, k0 + j0 + c]]
-        kt[c] = k[g, j]
-        vt[c] = v[g, j]
+        for d in range(kt.shape[1]):
+            kt[c, d] = k[g, j, d]
+        for d in range(vt.shape[1]):
+            vt[c, d] = v[g, j, d]
 
 
 @serial
@@ -226,9 +265,14 @@ def _segment_forward(q, k, v, qrow, qperm, krow, kperm, koff, tasks, causal, off
         limit = np.empty(bq, dtype=np.int64)                               # (Bq,) visible keys per row
         kend = _query_tile(q, qrow, qperm, krow, kperm, g, a0, a1, k0, koff[g, c + 1] - k0, causal, offset,
                            scale, qs, limit)
-        mu = np.full(bq, -np.inf, dtype=q.dtype)                           # (Bq,)
-        ell = np.zeros(bq, dtype=q.dtype)                                  # (Bq,)
-        acc = np.zeros((bq, Dv), dtype=q.dtype)                            # (Bq, Dv)
+        mu = np.empty(bq, dtype=q.dtype)                                   # (Bq,) running max, -inf
+        ell = np.empty(bq, dtype=q.dtype)                                  # (Bq,) running sum, 0
+        acc = np.empty((bq, Dv), dtype=q.dtype)                            # (Bq, Dv) running P v, 0
+        for r in range(bq):
+            mu[r] = -np.inf
+            ell[r] = 0
+            for d in range(Dv):
+                acc[r, d] = 0
         pv = np.empty((bq, Dv), dtype=q.dtype)
         kt = np.empty((block_k, D), dtype=q.dtype)
         vt = np.empty((block_k, Dv), dtype=q.dtype)
@@ -242,7 +286,9 @@ def _segment_forward(q, k, v, qrow, qperm, krow, kperm, koff, tasks, causal, off
             _mask_beyond(s, limit, j0)
             online_softmax_step(s, mu, ell, acc, bits)
             np.dot(s, vt[: j1 - j0], pv)                                   # (Bq, Dv) P_J v_J
-            acc += pv
+            for r in range(bq):
+                for d in range(Dv):
+                    acc[r, d] += pv[r, d]
         for r in range(bq):
             slot = qperm[g, a0 + r]
             slot_lse[g, slot] = finish_row(acc[r], ell[r], mu[r], slot_out[g, slot])
@@ -253,7 +299,8 @@ def _probabilities(s, lse_rows, bits):
     """In place ``s <- exp(s - L_r)`` (0 for rows with ``L = -inf``)."""
     for r in range(s.shape[0]):
         if lse_rows[r] == -np.inf:
-            s[r, :] = 0
+            for c in range(s.shape[1]):
+                s[r, c] = 0
         else:
             exp_shifted(s[r], lse_rows[r], bits)
 
@@ -380,7 +427,8 @@ def _combine_rows(src, weight, perm, off, dst):
     for task in prange(G * N):
         g = task // N
         i = task % N
-        dst[g, i] = 0
+        for f in range(F):
+            dst[g, i, f] = 0
         for u in range(off[g, i], off[g, i + 1]):
             s = perm[g, u]
             w = weight[g, s]

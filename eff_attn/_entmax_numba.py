@@ -37,7 +37,7 @@ from numba import prange
 
 from ._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
 from ._softmax_numba import blocked_backward, blocked_forward
-from ._tiles import add_into, scale_rows, store_scaled, zero
+from ._tiles import add_into, scale_rows, set_zero, store_scaled
 from ._tile_sizes import cpu_blocks
 from .masks import as_kernel_mask, visible_counts
 
@@ -64,37 +64,62 @@ def _power(d, alpha, beta):
 
 
 @serial
-def _sift_down(a, root, end):
-    """Restore the max-heap property of ``a[:end]`` below ``root``."""
-    x = a[root]
-    while True:
-        child = 2 * root + 1
-        if child >= end:
-            break
-        if child + 1 < end and a[child + 1] > a[child]:
-            child += 1
-        if not a[child] > x:
-            break
-        a[root] = a[child]
-        root = child
-    a[root] = x
+def _insertion_sort(a, lo, hi):
+    """Sort ``a[lo:hi]`` ascending in place (short ranges)."""
+    for i in range(lo + 1, hi):
+        x = a[i]
+        j = i - 1
+        while j >= lo and a[j] > x:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = x
 
 
 @serial
-def _heapsort(a):
+def _sort(a):
     """Sort the 1-d float array ``a`` ascending, in place (finite values; no NaN).
 
-    Heapsort: ``O(n log n)`` without recursion or allocation, and a fraction of
-    the compile time of ``np.sort``'s introsort.
+    Quicksort (median-of-three pivot, the larger part deferred on a stack of
+    ``O(log n)`` ranges, short ranges by insertion): as fast as ``np.sort`` on
+    these arrays, at a fraction of its compile time.
     """
-    n = a.shape[0]
-    for root in range(n // 2 - 1, -1, -1):
-        _sift_down(a, root, n)
-    for end in range(n - 1, 0, -1):
-        top = a[0]
-        a[0] = a[end]
-        a[end] = top
-        _sift_down(a, 0, end)
+    stack = np.empty(128, dtype=np.int64)
+    top = 0
+    lo, hi = 0, a.shape[0]
+    while True:
+        while hi - lo > 16:
+            mid = (lo + hi) // 2                                           # median of three to a[mid]
+            if a[mid] < a[lo]:
+                a[mid], a[lo] = a[lo], a[mid]
+            if a[hi - 1] < a[mid]:
+                a[hi - 1], a[mid] = a[mid], a[hi - 1]
+                if a[mid] < a[lo]:
+                    a[mid], a[lo] = a[lo], a[mid]
+            pivot = a[mid]
+            i, j = lo, hi - 1                                              # Hoare partition
+            while True:
+                while a[i] < pivot:
+                    i += 1
+                while pivot < a[j]:
+                    j -= 1
+                if i >= j:
+                    break
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+            # a[lo:j + 1] <= pivot <= a[j + 1:hi]; defer the larger part
+            if j + 1 - lo < hi - j - 1:
+                stack[top], stack[top + 1] = j + 1, hi
+                hi = j + 1
+            else:
+                stack[top], stack[top + 1] = lo, j + 1
+                lo = j + 1
+            top += 2
+        _insertion_sort(a, lo, hi)
+        if top == 0:
+            return
+        top -= 2
+        lo, hi = stack[top], stack[top + 1]
 
 
 @serial
@@ -103,7 +128,7 @@ def _sort_threshold(xc, nc, alpha, work):
     xs = work[:nc]
     for c in range(nc):
         xs[c] = xc[c]
-    _heapsort(xs)                                                          # ascending; x_(k) = xs[nc - k]
+    _sort(xs)                                                              # ascending; x_(k) = xs[nc - k]
     if alpha == 2.0:
         c = 0.0
         c_star = xs[nc - 1] if nc > 0 else 0.0
@@ -544,8 +569,8 @@ def _backward_kv_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block
         scale_rows(k, g, j0, scale, ks)
         dk_acc = np.empty((bk, D), dtype=q.dtype)
         dv_acc = np.empty((bk, Dv), dtype=q.dtype)
-        zero(dk_acc)
-        zero(dv_acc)
+        set_zero(dk_acc)
+        set_zero(dv_acc)
         dk_part = np.empty((bk, D), dtype=q.dtype)
         dv_part = np.empty((bk, Dv), dtype=q.dtype)
         p_buf = np.empty(block_q * bk, dtype=q.dtype)

@@ -43,7 +43,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
-from ._tiles import add_into, finish_row, online_softmax_step, scale_rows, start_rows, store_scaled, zero
+from ._tiles import add_into, finish_row, online_softmax_step, scale_rows, set_zero, start_rows, store_scaled
 from ._tile_sizes import EXACT_BLOCK_Q_CPU, EXACT_TILE_MACS, cpu_blocks
 from .masks import as_kernel_mask
 
@@ -173,8 +173,8 @@ def _backward_kv_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block
         vb = v[g, j0:j1]                                                   # (Bk, Dv)
         dk_acc = np.empty((bk, D), dtype=q.dtype)                          # (Bk, D)
         dv_acc = np.empty((bk, Dv), dtype=q.dtype)                         # (Bk, Dv)
-        zero(dk_acc)
-        zero(dv_acc)
+        set_zero(dk_acc)
+        set_zero(dv_acc)
         dk_part = np.empty((bk, D), dtype=q.dtype)
         dv_part = np.empty((bk, Dv), dtype=q.dtype)
         p_buf = np.empty(block_q * bk, dtype=q.dtype)
@@ -212,7 +212,7 @@ def _backward_q_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block_
         scale_rows(q, g, i0, scale, qs)                                    # q_I scale
         do = dout[g, i0:i1]                                                # (Bq, Dv)
         dq_acc = np.empty((bq, D), dtype=q.dtype)                          # (Bq, D)
-        zero(dq_acc)
+        set_zero(dq_acc)
         dq_part = np.empty((bq, D), dtype=q.dtype)
         p_buf = np.empty(bq * block_k, dtype=q.dtype)
         ds_buf = np.empty(bq * block_k, dtype=q.dtype)
@@ -236,7 +236,7 @@ def _backward_slice_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, bl
     G, Nq, D = q.shape
     Nk, Dv = k.shape[1], v.shape[2]
     for g in prange(G):
-        zero(dq[g])
+        set_zero(dq[g])
         dk_part = np.empty((block_k, D), dtype=q.dtype)
         dv_part = np.empty((block_k, Dv), dtype=q.dtype)
         dq_part = np.empty((block_q, D), dtype=q.dtype)
@@ -251,8 +251,8 @@ def _backward_slice_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, bl
             scale_rows(k, g, j0, scale, ks)                                # k_J scale
             dk_acc = np.empty((bk, D), dtype=q.dtype)                      # (Bk, D)
             dv_acc = np.empty((bk, Dv), dtype=q.dtype)                     # (Bk, Dv)
-            zero(dk_acc)
-            zero(dv_acc)
+            set_zero(dk_acc)
+            set_zero(dv_acc)
             first, stop = _query_range(j0, j1, o, wL, wR, Nq)
             for i0 in range(first, stop, block_q):
                 i1 = min(stop, i0 + block_q)

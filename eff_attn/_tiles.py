@@ -22,7 +22,7 @@ import numpy as np
 
 from ._jit import _maximum, exp_shifted, row_maximum, serial
 
-__all__ = ["online_softmax_step", "finish_row", "start_rows", "scale_rows", "store_scaled", "zero", "add_into"]
+__all__ = ["online_softmax_step", "finish_row", "start_rows", "scale_rows", "store_scaled", "set_zero", "add_into"]
 
 
 @serial
@@ -107,7 +107,7 @@ def store_scaled(dst, g, i0, src, scale):
 
 
 @serial
-def zero(a):
+def set_zero(a):
     """``a[:] = 0`` for a 2-d array."""
     for r in range(a.shape[0]):
         for c in range(a.shape[1]):
@@ -126,7 +126,7 @@ def add_into(acc, part):
 def start_rows(q, g, i0, scale, qs, mu, ell, acc):
     """Start a block of query rows ``i0..``: ``qs <- q[g, i0:] * scale``, ``mu <- -inf``, ``ell, acc <- 0``."""
     scale_rows(q, g, i0, scale, qs)
-    zero(acc)
+    set_zero(acc)
     for r in range(qs.shape[0]):
         mu[r] = -np.inf
         ell[r] = 0

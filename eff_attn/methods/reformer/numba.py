@@ -63,7 +63,10 @@ def _hash_kernel(x, flat_rot, groups, block, codes):
         g = task // n_blocks
         i0 = (task % n_blocks) * block
         i1 = min(N, i0 + block)
-        xb = x[g, i0:i1].astype(np.float64)                                # (B, D)
+        xb = np.empty((i1 - i0, x.shape[2]), dtype=np.float64)             # (B, D)
+        for a in range(i1 - i0):                                           # a loop, not astype: cheaper to compile
+            for d in range(x.shape[2]):
+                xb[a, d] = x[g, i0 + a, d]
         p = np.empty((i1 - i0, R * cols), dtype=np.float64)
         np.dot(xb, flat_rot, p)                                            # (B, R * cols)
         for a in range(i1 - i0):

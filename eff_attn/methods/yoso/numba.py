@@ -45,7 +45,7 @@ import numpy as np
 from numba import prange
 
 from ..._jit import FASTMATH, blas_single_thread, contiguous, kernel, serial
-from ..._tiles import add_into, store_scaled, zero
+from ..._tiles import add_into, set_zero, store_scaled
 from ...masks import as_kernel_mask
 from .reference import YosoOps, entry_points
 
@@ -98,7 +98,10 @@ def _codes_kernel(x, planes_t, m, tau, codes):
     n_blocks = (N + HASH_BLOCK - 1) // HASH_BLOCK
     for task in prange(G * n_blocks):
         g, i0, i1 = _task_block(task, n_blocks, HASH_BLOCK, N)
-        rows = x[g, i0:i1].astype(planes_t.dtype)                             # (B, D)
+        rows = np.empty((i1 - i0, D), dtype=planes_t.dtype)                   # (B, D)
+        for r in range(i1 - i0):                                              # a loop, not astype: cheaper to compile
+            for d in range(D):
+                rows[r, d] = x[g, i0 + r, d]
         proj = np.empty((i1 - i0, m * tau), dtype=planes_t.dtype)             # (B, m tau)
         np.dot(rows, planes_t[g if planes_t.shape[0] > 1 else 0], proj)
         for r in range(i1 - i0):
@@ -235,8 +238,8 @@ def _add_row_product(out, a, M):
 @serial
 def _bucket_outer(first_q, next_q, first_k, next_k, du, v, q_unit, k_unit, g, dq, dk, M, Nmat):
     """Outer form: ``dq_I += du_I (v_J^T k^_J)`` and ``dk_J += v_J (du_I^T q^_I)``."""
-    zero(M)
-    zero(Nmat)
+    set_zero(M)
+    set_zero(Nmat)
     j = first_k
     while j >= 0:                                                             # M = v_J^T k^_J (Dv, D)
         _add_outer(M, v[g, j], k_unit[g, j])
@@ -283,8 +286,8 @@ def _pairs_backward_kernel(du, v, q_unit, k_unit, q_codes, k_codes, keep, tau, d
         Nmat = np.empty((Dv, D), dtype=du.dtype)
         dq = dq_part[g, grp]                                                  # (Nq, D)
         dk = dk_part[g, grp]                                                  # (Nk, D)
-        zero(dq)
-        zero(dk)
+        set_zero(dq)
+        set_zero(dk)
         for h in range(h0, h1):
             for i in range(Nq - 1, -1, -1):                                   # thread the buckets
                 b = q_codes[g, h, i]
@@ -437,7 +440,7 @@ def _expectation_dq_kernel(du, q_unit, k_unit, v, keep, tau, damping, exact_grad
         g, i0, i1 = _task_block(task, n_blocks, BLOCK_Q, Nq)
         bq = i1 - i0
         acc = np.empty((bq, D), dtype=dq.dtype)                               # (Bq, D)
-        zero(acc)
+        set_zero(acc)
         part = np.empty((bq, D), dtype=dq.dtype)
         x_buf = np.empty(bq * BLOCK_K, dtype=dq.dtype)
         w_buf = np.empty(bq * BLOCK_K, dtype=dq.dtype)
@@ -467,8 +470,8 @@ def _expectation_dkv_kernel(du, q_unit, k_unit, v, keep, tau, damping, exact_gra
         bk = j1 - j0
         dk_acc = np.empty((bk, D), dtype=dk.dtype)                            # (Bk, D)
         dv_acc = np.empty((bk, Dv), dtype=dv.dtype)                           # (Bk, Dv)
-        zero(dk_acc)
-        zero(dv_acc)
+        set_zero(dk_acc)
+        set_zero(dv_acc)
         dk_part = np.empty((bk, D), dtype=dk.dtype)
         dv_part = np.empty((bk, Dv), dtype=dv.dtype)
         x_buf = np.empty(BLOCK_Q * bk, dtype=dk.dtype)

@@ -39,6 +39,7 @@ from numba import prange
 
 from ..._hashing import segment_offsets, stable_key_argsort
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
+from ..._tiles import scale_rows
 from ...masks import as_kernel_mask
 from . import _common
 
@@ -195,9 +196,7 @@ def _tf_forward_kernel(qs, ks, vs, perm_q, perm_k, off_q, off_k, task_cell, task
                 keys_per_row[g, i] = 0
             continue
         qb = np.empty((bq, qs.shape[2]), dtype=qs.dtype)                   # (Bq, D)
-        for r in range(bq):                                                # loops, not array expressions:
-            for d in range(qs.shape[2]):                                   # far cheaper to compile
-                qb[r, d] = qs[g, p0 + r, d] * scale
+        scale_rows(qs, g, p0, scale, qb)                                   # a loop: cheaper to compile than * scale
         s = np.empty((bq, c), dtype=qs.dtype)                              # (Bq, c)
         np.dot(qb, ks[g, j0:j1].T, s)
         ell = np.empty(bq, dtype=qs.dtype)
@@ -237,7 +236,9 @@ def _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, del
     rows, cols = p1 - p0, j1 - j0
     p = np.empty((rows, cols), dtype=qs.dtype)                             # scores, then P
     ds = np.empty((rows, cols), dtype=qs.dtype)                            # dP, then dS
-    np.dot(qs[g, p0:p1] * scale, ks[g, j0:j1].T, p)
+    qb = np.empty((rows, qs.shape[2]), dtype=qs.dtype)                     # (rows, D)
+    scale_rows(qs, g, p0, scale, qb)
+    np.dot(qb, ks[g, j0:j1].T, p)
     np.dot(dos[g, p0:p1], vs[g, j0:j1].T, ds)
     bits = np.empty(cols, dtype=np.int32)
     for r in range(rows):
@@ -246,7 +247,8 @@ def _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, del
             for col in range(_search(perm_k[g], j0, j1, i + offset, True) - j0, cols):
                 p[r, col] = -np.inf
         if lse[g, i] == -np.inf:
-            p[r, :] = 0
+            for col in range(cols):
+                p[r, col] = 0
         else:
             exp_shifted(p[r], lse[g, i], bits)
         for col in range(cols):
@@ -264,14 +266,16 @@ def _tf_backward_q_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_ce
                                          causal, offset)
         if j1 == j0:
             for r in range(p1 - p0):
-                dq[g, perm_q[g, p0 + r]] = 0
+                for d in range(D):
+                    dq[g, perm_q[g, p0 + r], d] = 0
             continue
         _, ds = _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, delta, causal, offset,
                                 scale)
         dqb = np.empty((p1 - p0, D), dtype=qs.dtype)
         np.dot(ds, ks[g, j0:j1], dqb)                                      # (Bq, D)
         for r in range(p1 - p0):
-            dq[g, perm_q[g, p0 + r]] = dqb[r] * scale
+            for d in range(D):
+                dq[g, perm_q[g, p0 + r], d] = dqb[r, d] * scale
 
 
 @kernel
@@ -284,8 +288,11 @@ def _tf_backward_kv_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_c
                                        causal, offset)
         if p1 == p0:
             for col in range(j1 - j0):
-                dk[g, perm_k[g, j0 + col]] = 0
-                dv[g, perm_k[g, j0 + col]] = 0
+                j = perm_k[g, j0 + col]
+                for d in range(D):
+                    dk[g, j, d] = 0
+                for d in range(Dv):
+                    dv[g, j, d] = 0
             continue
         p, ds = _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, delta, causal, offset,
                                 scale)
@@ -294,8 +301,11 @@ def _tf_backward_kv_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_c
         np.dot(p.T, dos[g, p0:p1], dvb)                                    # (Bk, Dv)
         np.dot(ds.T, qs[g, p0:p1], dkb)                                    # (Bk, D)
         for col in range(j1 - j0):
-            dk[g, perm_k[g, j0 + col]] = dkb[col] * scale
-            dv[g, perm_k[g, j0 + col]] = dvb[col]
+            j = perm_k[g, j0 + col]
+            for d in range(D):
+                dk[g, j, d] = dkb[col, d] * scale
+            for d in range(Dv):
+                dv[g, j, d] = dvb[col, d]
 
 
 def _leaf_sizes(off, L):

@@ -47,7 +47,7 @@ def _backward_kernel(dout, keep, causal, offset, Nk, dv):
     has_mask = keep.shape[0] > 0
     for g in prange(G):
         # counts |V_i| by a forward pass over the keys
-        counts = np.zeros(Nq, dtype=np.int64)
+        counts = np.empty(Nq, dtype=np.int64)
         count = 0
         j = 0
         for i in range(Nq):

@@ -37,6 +37,7 @@ from numba import prange
 
 from ._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
 from ._softmax_numba import blocked_backward, blocked_forward
+from ._tiles import add_into, scale_rows, set_zero, store_scaled
 from ._tile_sizes import cpu_blocks
 from .masks import as_kernel_mask, visible_counts
 
@@ -63,11 +64,71 @@ def _power(d, alpha, beta):
 
 
 @serial
+def _insertion_sort(a, lo, hi):
+    """Sort ``a[lo:hi]`` ascending in place (short ranges)."""
+    for i in range(lo + 1, hi):
+        x = a[i]
+        j = i - 1
+        while j >= lo and a[j] > x:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = x
+
+
+@serial
+def _sort(a):
+    """Sort the 1-d float array ``a`` ascending, in place (finite values; no NaN).
+
+    Quicksort (median-of-three pivot, the larger part deferred on a stack of
+    ``O(log n)`` ranges, short ranges by insertion): as fast as ``np.sort`` on
+    these arrays, at a fraction of its compile time.
+    """
+    stack = np.empty(128, dtype=np.int64)
+    top = 0
+    lo, hi = 0, a.shape[0]
+    while True:
+        while hi - lo > 16:
+            mid = (lo + hi) // 2                                           # median of three to a[mid]
+            if a[mid] < a[lo]:
+                a[mid], a[lo] = a[lo], a[mid]
+            if a[hi - 1] < a[mid]:
+                a[hi - 1], a[mid] = a[mid], a[hi - 1]
+                if a[mid] < a[lo]:
+                    a[mid], a[lo] = a[lo], a[mid]
+            pivot = a[mid]
+            i, j = lo, hi - 1                                              # Hoare partition
+            while True:
+                while a[i] < pivot:
+                    i += 1
+                while pivot < a[j]:
+                    j -= 1
+                if i >= j:
+                    break
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+            # a[lo:j + 1] <= pivot <= a[j + 1:hi]; defer the larger part
+            if j + 1 - lo < hi - j - 1:
+                stack[top], stack[top + 1] = j + 1, hi
+                hi = j + 1
+            else:
+                stack[top], stack[top + 1] = lo, j + 1
+                lo = j + 1
+            top += 2
+        _insertion_sort(a, lo, hi)
+        if top == 0:
+            return
+        top -= 2
+        lo, hi = stack[top], stack[top + 1]
+
+
+@serial
 def _sort_threshold(xc, nc, alpha, work):
     """Exact threshold from the sorted candidates ``xc[:nc]`` (alpha = 2 or 1.5); ``work`` holds 2 nc floats."""
     xs = work[:nc]
-    xs[:] = xc[:nc]
-    xs.sort()                                                              # ascending; x_(k) = xs[nc - k]
+    for c in range(nc):
+        xs[c] = xc[c]
+    _sort(xs)                                                              # ascending; x_(k) = xs[nc - k]
     if alpha == 2.0:
         c = 0.0
         c_star = xs[nc - 1] if nc > 0 else 0.0
@@ -212,7 +273,8 @@ def _rows_kernel(z, keep, alpha, use_sort, n_iter, ensure_sum_one, p, tau_out, s
                     idx[nv] = j
                     zbuf[nv] = z[row, j]
                     nv += 1
-            p[row, :] = 0
+            for j in range(n):
+                p[row, j] = 0
             a = alpha[row]
             if nv == 0:
                 tau_out[row] = np.inf
@@ -332,7 +394,17 @@ def _score_tile(qs, keys, tile, part_buf, block_k):
         j1 = min(k_end, j0 + block_k)
         part = part_buf[: bq * (j1 - j0)].reshape((bq, j1 - j0))
         np.dot(qs, keys[j0:j1].T, part)
-        tile[:, j0:j1] = part
+        for r in range(bq):
+            for c in range(j1 - j0):
+                tile[r, j0 + c] = part[r, c]
+
+
+@serial
+def _scaled_rows(q, g, i0, i1, scale):
+    """A new (i1 - i0, D) array ``q[g, i0:i1] * scale``, as an explicit loop (cheaper to compile)."""
+    qs = np.empty((i1 - i0, q.shape[2]), dtype=q.dtype)
+    scale_rows(q, g, i0, scale, qs)
+    return qs
 
 
 @serial
@@ -355,7 +427,7 @@ def _forward_kernel(q, k, v, keep, causal, offset, scale, alpha, use_sort, n_ite
         g, i0, i1, k_end = _task_rows(task, n_blocks, block_q, Nq, Nk, causal, offset)
         bq = i1 - i0
         tile = np.empty((bq, k_end), dtype=q.dtype)                         # (Bq, k_end) scores
-        _score_tile(q[g, i0:i1] * scale, k[g], tile, np.empty(bq * block_k, dtype=q.dtype), block_k)
+        _score_tile(_scaled_rows(q, g, i0, i1, scale), k[g], tile, np.empty(bq * block_k, dtype=q.dtype), block_k)
         zbuf = np.empty(k_end, dtype=q.dtype)
         idx = np.empty(k_end, dtype=np.int64)
         cand = np.empty(k_end, dtype=np.int64)
@@ -368,7 +440,8 @@ def _forward_kernel(q, k, v, keep, causal, offset, scale, alpha, use_sort, n_ite
             end = k_end if not causal else min(k_end, max(0, i + offset + 1))
             n = _visible_row(tile[r], end, keep, g, zbuf, idx)
             if n == 0:
-                out[g, i] = 0
+                for d in range(Dv):
+                    out[g, i, d] = 0
                 z_max_out[g, i] = 0.0
                 tau_out[g, i] = np.inf
                 norm_out[g, i] = 1.0
@@ -440,13 +513,14 @@ def _backward_q_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block_
         g, i0, i1, k_end = _task_rows(task, n_blocks, block_q, Nq, Nk, causal, offset)
         bq = i1 - i0
         tile = np.empty((bq, k_end), dtype=q.dtype)
-        _score_tile(q[g, i0:i1] * scale, k[g], tile, np.empty(bq * block_k, dtype=q.dtype), block_k)
+        _score_tile(_scaled_rows(q, g, i0, i1, scale), k[g], tile, np.empty(bq * block_k, dtype=q.dtype), block_k)
         a = alpha[g]
         beta = 1.0 / (a - 1.0)
         acc = np.empty(D, dtype=np.float64)
         for r in range(bq):
             i = i0 + r
-            dq[g, i] = 0
+            for e in range(D):
+                dq[g, i, e] = 0
             row_c[g, i] = 0.0
             if tau[g, i] == np.inf:
                 continue
@@ -464,7 +538,8 @@ def _backward_q_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block_
                     sud += u * np.dot(dout[g, i], v[g, j])
             c = sud / su if su > 0 else 0.0
             row_c[g, i] = c
-            acc[:] = 0.0
+            for e in range(D):
+                acc[e] = 0.0
             for j in range(end):                                           # dq_i = s sum_j dS_ij k_j
                 if has_mask and not keep[g, j]:
                     continue
@@ -490,9 +565,12 @@ def _backward_kv_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block
         j1 = min(Nk, j0 + block_k)
         bk = j1 - j0
         a = alpha[g]
-        ks = k[g, j0:j1] * scale                                           # (Bk, D)
-        dk_acc = np.zeros((bk, D), dtype=q.dtype)
-        dv_acc = np.zeros((bk, Dv), dtype=q.dtype)
+        ks = np.empty((bk, D), dtype=q.dtype)                              # (Bk, D)
+        scale_rows(k, g, j0, scale, ks)
+        dk_acc = np.empty((bk, D), dtype=q.dtype)
+        dv_acc = np.empty((bk, Dv), dtype=q.dtype)
+        set_zero(dk_acc)
+        set_zero(dv_acc)
         dk_part = np.empty((bk, D), dtype=q.dtype)
         dv_part = np.empty((bk, Dv), dtype=q.dtype)
         p_buf = np.empty(block_q * bk, dtype=q.dtype)
@@ -506,7 +584,7 @@ def _backward_kv_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block
             np.dot(q[g, i0:i1], ks.T, p)                                   # (Bq, Bk) scores
             _tile_probabilities(p, keep, g, i0, j0, causal, offset, a, z_max, tau, norm)   # (Bq, Bk) P
             np.dot(p.T, dout[g, i0:i1], dv_part)                           # (Bk, Dv)
-            dv_acc += dv_part
+            add_into(dv_acc, dv_part)
             np.dot(dout[g, i0:i1], v[g, j0:j1].T, ds)                      # (Bq, Bk) dP
             for r in range(bq):                                            # dS = u (dP - c_i)
                 for c in range(bk):
@@ -515,9 +593,9 @@ def _backward_kv_kernel(q, k, v, dout, keep, causal, offset, scale, alpha, block
                     else:
                         ds[r, c] = 0
             np.dot(ds.T, q[g, i0:i1], dk_part)                             # (Bk, D)
-            dk_acc += dk_part
-        dk[g, j0:j1] = dk_acc * scale
-        dv[g, j0:j1] = dv_acc
+            add_into(dk_acc, dk_part)
+        store_scaled(dk, g, j0, dk_acc, scale)
+        store_scaled(dv, g, j0, dv_acc, q.dtype.type(1))
 
 
 def backward(dout, q, k, v, out, res, *, mask, offset, scale, alpha, algorithm, **params):

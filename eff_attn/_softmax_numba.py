@@ -43,7 +43,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import blas_single_thread, contiguous, exp_shifted, kernel, serial
-from ._tiles import finish_row, online_softmax_step
+from ._tiles import add_into, finish_row, online_softmax_step, scale_rows, set_zero, start_rows, store_scaled
 from ._tile_sizes import EXACT_BLOCK_Q_CPU, EXACT_TILE_MACS, cpu_blocks
 from .masks import as_kernel_mask
 
@@ -94,8 +94,10 @@ def _mask_tile(s, keep, g, i0, j0, o, wL, wR):
         p = i0 + r + o
         first = min(bk, max(0, p - wL - j0))                               # first column in the band
         stop = min(bk, max(first, p + wR + 1 - j0))                        # one past the last
-        s[r, :first] = -np.inf                                             # keys before the band
-        s[r, stop:] = -np.inf                                              # keys after it
+        for c in range(first):                                             # keys before the band
+            s[r, c] = -np.inf
+        for c in range(stop, bk):                                          # keys after it
+            s[r, c] = -np.inf
         if has_mask:
             for c in range(first, stop):
                 if not keep[g, j0 + c]:
@@ -112,11 +114,12 @@ def _forward_kernel(q, k, v, keep, o, wL, wR, scale, block_q, block_k, out, lse)
         i0 = _paired(task, n_blocks) * block_q
         i1 = min(Nq, i0 + block_q)
         bq = i1 - i0
-        qs = q[g, i0:i1] * scale                                           # (Bq, D)
-        mu = np.full(bq, -np.inf, dtype=q.dtype)                           # (Bq,)
-        ell = np.zeros(bq, dtype=q.dtype)                                  # (Bq,)
-        acc = np.zeros((bq, Dv), dtype=q.dtype)                            # (Bq, Dv)
+        qs = np.empty((bq, D), dtype=q.dtype)                              # (Bq, D)
+        mu = np.empty(bq, dtype=q.dtype)                                   # (Bq,)
+        ell = np.empty(bq, dtype=q.dtype)                                  # (Bq,)
+        acc = np.empty((bq, Dv), dtype=q.dtype)                            # (Bq, Dv)
         pv = np.empty((bq, Dv), dtype=q.dtype)                             # (Bq, Dv)
+        start_rows(q, g, i0, scale, qs, mu, ell, acc)                      # qs = q_I scale, mu = -inf, 0, 0
         tile = np.empty(bq * block_k, dtype=q.dtype)
         bits = np.empty(block_k, dtype=np.int32)
         lo, hi = _key_range(i0, i1, o, wL, wR, Nk)
@@ -128,7 +131,7 @@ def _forward_kernel(q, k, v, keep, o, wL, wR, scale, block_q, block_k, out, lse)
             _mask_tile(s, keep, g, i0, j0, o, wL, wR)
             online_softmax_step(s, mu, ell, acc, bits)                     # s <- exp(s - mu), rescale
             np.dot(s, v[g, j0:j1], pv)                                     # (Bq, Dv) P_J v_J
-            acc += pv
+            add_into(acc, pv)                                              # acc += pv
         for r in range(bq):
             lse[g, i0 + r] = finish_row(acc[r], ell[r], mu[r], out[g, i0 + r])
 
@@ -140,7 +143,8 @@ def _probabilities(s, lse, keep, g, i0, j0, o, wL, wR, bits):
     for r in range(s.shape[0]):
         L = lse[g, i0 + r]
         if L == -np.inf:
-            s[r, :] = 0
+            for c in range(s.shape[1]):
+                s[r, c] = 0
         else:
             exp_shifted(s[r], L, bits)
 
@@ -164,10 +168,13 @@ def _backward_kv_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block
         j0 = _paired(task, n_blocks) * block_k
         j1 = min(Nk, j0 + block_k)
         bk = j1 - j0
-        ks = k[g, j0:j1] * scale                                           # (Bk, D)
+        ks = np.empty((bk, D), dtype=q.dtype)                              # (Bk, D)
+        scale_rows(k, g, j0, scale, ks)                                    # k_J scale
         vb = v[g, j0:j1]                                                   # (Bk, Dv)
-        dk_acc = np.zeros((bk, D), dtype=q.dtype)                          # (Bk, D)
-        dv_acc = np.zeros((bk, Dv), dtype=q.dtype)                         # (Bk, Dv)
+        dk_acc = np.empty((bk, D), dtype=q.dtype)                          # (Bk, D)
+        dv_acc = np.empty((bk, Dv), dtype=q.dtype)                         # (Bk, Dv)
+        set_zero(dk_acc)
+        set_zero(dv_acc)
         dk_part = np.empty((bk, D), dtype=q.dtype)
         dv_part = np.empty((bk, Dv), dtype=q.dtype)
         p_buf = np.empty(block_q * bk, dtype=q.dtype)
@@ -182,13 +189,13 @@ def _backward_kv_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block
             np.dot(q[g, i0:i1], ks.T, p)                                   # (Bq, Bk) scores
             _probabilities(p, lse, keep, g, i0, j0, o, wL, wR, bits)       # (Bq, Bk) P
             np.dot(p.T, do, dv_part)                                       # (Bk, Dv)
-            dv_acc += dv_part
+            add_into(dv_acc, dv_part)
             np.dot(do, vb.T, ds)                                           # (Bq, Bk) dP
             _score_gradient(p, ds, delta, g, i0)                           # (Bq, Bk) dS
             np.dot(ds.T, q[g, i0:i1], dk_part)                             # (Bk, D)
-            dk_acc += dk_part
-        dk[g, j0:j1] = dk_acc * scale
-        dv[g, j0:j1] = dv_acc
+            add_into(dk_acc, dk_part)
+        store_scaled(dk, g, j0, dk_acc, scale)
+        store_scaled(dv, g, j0, dv_acc, q.dtype.type(1))
 
 
 @kernel
@@ -201,9 +208,11 @@ def _backward_q_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block_
         i0 = _paired(task, n_blocks) * block_q
         i1 = min(Nq, i0 + block_q)
         bq = i1 - i0
-        qs = q[g, i0:i1] * scale                                           # (Bq, D)
+        qs = np.empty((bq, D), dtype=q.dtype)                              # (Bq, D)
+        scale_rows(q, g, i0, scale, qs)                                    # q_I scale
         do = dout[g, i0:i1]                                                # (Bq, Dv)
-        dq_acc = np.zeros((bq, D), dtype=q.dtype)                          # (Bq, D)
+        dq_acc = np.empty((bq, D), dtype=q.dtype)                          # (Bq, D)
+        set_zero(dq_acc)
         dq_part = np.empty((bq, D), dtype=q.dtype)
         p_buf = np.empty(bq * block_k, dtype=q.dtype)
         ds_buf = np.empty(bq * block_k, dtype=q.dtype)
@@ -218,8 +227,8 @@ def _backward_q_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, block_
             np.dot(do, v[g, j0:j1].T, ds)                                  # (Bq, Bk) dP
             _score_gradient(p, ds, delta, g, i0)                           # (Bq, Bk) dS
             np.dot(ds, k[g, j0:j1], dq_part)                               # (Bq, D)
-            dq_acc += dq_part
-        dq[g, i0:i1] = dq_acc * scale
+            add_into(dq_acc, dq_part)
+        store_scaled(dq, g, i0, dq_acc, scale)
 
 
 @kernel
@@ -227,7 +236,7 @@ def _backward_slice_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, bl
     G, Nq, D = q.shape
     Nk, Dv = k.shape[1], v.shape[2]
     for g in prange(G):
-        dq[g] = 0
+        set_zero(dq[g])
         dk_part = np.empty((block_k, D), dtype=q.dtype)
         dv_part = np.empty((block_k, Dv), dtype=q.dtype)
         dq_part = np.empty((block_q, D), dtype=q.dtype)
@@ -238,9 +247,12 @@ def _backward_slice_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, bl
         for j0 in range(0, Nk, block_k):
             j1 = min(Nk, j0 + block_k)
             bk = j1 - j0
-            ks = k[g, j0:j1] * scale                                       # (Bk, D)
-            dk_acc = np.zeros((bk, D), dtype=q.dtype)                      # (Bk, D)
-            dv_acc = np.zeros((bk, Dv), dtype=q.dtype)                     # (Bk, Dv)
+            ks = np.empty((bk, D), dtype=q.dtype)                          # (Bk, D)
+            scale_rows(k, g, j0, scale, ks)                                # k_J scale
+            dk_acc = np.empty((bk, D), dtype=q.dtype)                      # (Bk, D)
+            dv_acc = np.empty((bk, Dv), dtype=q.dtype)                     # (Bk, Dv)
+            set_zero(dk_acc)
+            set_zero(dv_acc)
             first, stop = _query_range(j0, j1, o, wL, wR, Nq)
             for i0 in range(first, stop, block_q):
                 i1 = min(stop, i0 + block_q)
@@ -251,16 +263,16 @@ def _backward_slice_kernel(q, k, v, dout, lse, delta, keep, o, wL, wR, scale, bl
                 np.dot(q[g, i0:i1], ks.T, p)                               # (Bq, Bk) scores
                 _probabilities(p, lse, keep, g, i0, j0, o, wL, wR, bits)   # (Bq, Bk) P
                 np.dot(p.T, do, dv_part[:bk])                              # (Bk, Dv)
-                dv_acc += dv_part[:bk]
+                add_into(dv_acc, dv_part[:bk])
                 np.dot(do, v[g, j0:j1].T, ds)                              # (Bq, Bk) dP
                 _score_gradient(p, ds, delta, g, i0)                       # (Bq, Bk) dS
                 np.dot(ds.T, q[g, i0:i1], dk_part[:bk])                    # (Bk, D)
-                dk_acc += dk_part[:bk]
+                add_into(dk_acc, dk_part[:bk])
                 np.dot(ds, k[g, j0:j1], dq_part[:bq])                      # (Bq, D)
-                dq[g, i0:i1] += dq_part[:bq]
-            dk[g, j0:j1] = dk_acc * scale
-            dv[g, j0:j1] = dv_acc
-        dq[g] *= scale
+                add_into(dq[g, i0:i1], dq_part[:bq])
+            store_scaled(dk, g, j0, dk_acc, scale)
+            store_scaled(dv, g, j0, dv_acc, q.dtype.type(1))
+        store_scaled(dq, g, 0, dq[g], scale)
 
 
 def full_band(offset, Nq: int, Nk: int) -> tuple[int, int, int]:

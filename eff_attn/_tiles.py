@@ -22,7 +22,7 @@ import numpy as np
 
 from ._jit import _maximum, exp_shifted, row_maximum, serial
 
-__all__ = ["online_softmax_step", "finish_row"]
+__all__ = ["online_softmax_step", "finish_row", "start_rows", "scale_rows", "store_scaled", "set_zero", "add_into"]
 
 
 @serial
@@ -42,12 +42,15 @@ def online_softmax_step(s, mu, ell, acc, bits):
         mu_old = mu[r]
         mu_new = _maximum(mu_old, row_maximum(row))                        # NaN if any score so far is NaN
         if mu_new == -np.inf:                                              # nothing visible yet: weights 0
-            row[:] = 0
+            for c in range(row.shape[0]):
+                row[c] = zero
             continue
         if mu_new != mu_new:                                               # a NaN score: the row is NaN
-            row[:] = np.nan
-            ell[r] = np.nan
-            acc[r] = np.nan
+            for c in range(row.shape[0]):
+                row[c] = mu_new
+            for c in range(acc.shape[1]):
+                acc[r, c] = mu_new
+            ell[r] = mu_new
             mu[r] = mu_new
             continue
         if mu_new == np.inf:                                               # weight only on the +inf keys
@@ -61,7 +64,8 @@ def online_softmax_step(s, mu, ell, acc, bits):
             alpha = np.exp(mu_old - mu_new)                                # 0 while mu_old = -inf
         ell[r] = alpha * ell[r] + total
         if alpha != 1:
-            acc[r] *= alpha
+            for c in range(acc.shape[1]):
+                acc[r, c] *= alpha
         mu[r] = mu_new
 
 
@@ -75,5 +79,54 @@ def finish_row(acc_r, ell_r, mu_r, out_r):
         for c in range(out_r.shape[0]):
             out_r[c] = acc_r[c] / ell_r
         return mu_r + np.log(ell_r)
-    out_r[:] = 0
+    for c in range(out_r.shape[0]):
+        out_r[c] = 0
     return -np.inf
+
+
+# The helpers below are explicit loops rather than array expressions (``a[:] = 0``,
+# ``a += b``, ``x[g, i0:i1] * scale``): the same work at a fraction of Numba's
+# compile time, since every array expression compiles its own ufunc loop,
+# broadcasting and shape-error machinery.
+
+
+@serial
+def scale_rows(x, g, i0, scale, out):
+    """``out <- x[g, i0:i0 + rows] * scale`` for a (rows, cols) ``out``."""
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            out[r, c] = x[g, i0 + r, c] * scale
+
+
+@serial
+def store_scaled(dst, g, i0, src, scale):
+    """``dst[g, i0:i0 + rows] <- src * scale`` for a (rows, cols) ``src``."""
+    for r in range(src.shape[0]):
+        for c in range(src.shape[1]):
+            dst[g, i0 + r, c] = src[r, c] * scale
+
+
+@serial
+def set_zero(a):
+    """``a[:] = 0`` for a 2-d array."""
+    for r in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            a[r, c] = 0
+
+
+@serial
+def add_into(acc, part):
+    """``acc += part`` for two (rows, cols) arrays."""
+    for r in range(acc.shape[0]):
+        for c in range(acc.shape[1]):
+            acc[r, c] += part[r, c]
+
+
+@serial
+def start_rows(q, g, i0, scale, qs, mu, ell, acc):
+    """Start a block of query rows ``i0..``: ``qs <- q[g, i0:] * scale``, ``mu <- -inf``, ``ell, acc <- 0``."""
+    scale_rows(q, g, i0, scale, qs)
+    set_zero(acc)
+    for r in range(qs.shape[0]):
+        mu[r] = -np.inf
+        ell[r] = 0

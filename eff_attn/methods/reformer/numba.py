@@ -63,7 +63,10 @@ def _hash_kernel(x, flat_rot, groups, block, codes):
         g = task // n_blocks
         i0 = (task % n_blocks) * block
         i1 = min(N, i0 + block)
-        xb = x[g, i0:i1].astype(np.float64)                                # (B, D)
+        xb = np.empty((i1 - i0, x.shape[2]), dtype=np.float64)             # (B, D)
+        for a in range(i1 - i0):                                           # a loop, not astype: cheaper to compile
+            for d in range(x.shape[2]):
+                xb[a, d] = x[g, i0 + a, d]
         p = np.empty((i1 - i0, R * cols), dtype=np.float64)
         np.dot(xb, flat_rot, p)                                            # (B, R * cols)
         for a in range(i1 - i0):
@@ -143,20 +146,28 @@ def _window_kernel(q, keys, v, perm_q, perm_k, chunk_q, chunk_k, keep, causal, o
         qt = np.empty((nq, D), dtype=q.dtype)
         kt = np.empty((nk, D), dtype=q.dtype)
         vt = np.empty((nk, Dv), dtype=q.dtype)
-        for a in range(nq):
-            qt[a] = q[g, perm_q[r, g, s0 + a]] * scale
+        for a in range(nq):                                                # loops, not array expressions:
+            i = perm_q[r, g, s0 + a]                                       # far cheaper to compile
+            for d in range(D):
+                qt[a, d] = q[g, i, d] * scale
         for b in range(nk):
-            kt[b] = keys[g, kpos[b]]
-            vt[b] = v[g, kpos[b]]
+            for d in range(D):
+                kt[b, d] = keys[g, kpos[b], d]
+            for d in range(Dv):
+                vt[b, d] = v[g, kpos[b], d]
         s = np.empty((nq, nk), dtype=q.dtype)
         np.dot(qt, kt.T, s)                                                # (c, 2c) scores
         qch = np.empty((nq, R), dtype=np.int64)
         kch = np.empty((nk, R), dtype=np.int64)
         _chunks_of(chunk_q, g, perm_q[r, g, s0:s0 + nq], qch)
         _chunks_of(chunk_k, g, kpos[:nk], kch)
-        log_count = np.log(np.arange(1, R + 1).astype(np.float64)).astype(q.dtype)  # log c, c = 1..R
+        log_count = np.empty(R, dtype=q.dtype)                             # log c, c = 1..R
+        for c in range(R):
+            log_count[c] = np.log(np.float64(c + 1))
         bits = np.empty(nk, dtype=np.int32)
-        totals = np.zeros(nq, dtype=q.dtype)
+        totals = np.empty(nq, dtype=q.dtype)
+        for a in range(nq):
+            totals[a] = 0
         for a in range(nq):
             i = perm_q[r, g, s0 + a]
             share = 0.0
@@ -178,7 +189,8 @@ def _window_kernel(q, keys, v, perm_q, perm_k, chunk_q, chunk_k, keep, causal, o
             self_r[g, r, i] = seen_self
             mu = row_maximum(s[a])
             if mu == -np.inf:                                              # nothing visible in this window
-                s[a] = 0
+                for b in range(nk):
+                    s[a, b] = 0
                 lse_r[g, r, i] = -np.inf
                 continue
             totals[a] = exp_shifted(s[a], mu, bits)
@@ -187,10 +199,8 @@ def _window_kernel(q, keys, v, perm_q, perm_k, chunk_q, chunk_k, keep, causal, o
         np.dot(s, vt, o)                                                   # (c, Dv)
         for a in range(nq):
             i = perm_q[r, g, s0 + a]
-            if totals[a] > 0:
-                out_r[g, r, i] = o[a] / totals[a]
-            else:
-                out_r[g, r, i] = 0
+            for d in range(Dv):
+                out_r[g, r, i, d] = o[a, d] / totals[a] if totals[a] > 0 else 0
 
 
 @kernel
@@ -202,7 +212,8 @@ def _combine_kernel(out_r, lse_r, out, lse):
             mu = -np.inf
             for r in range(R):
                 mu = max(mu, lse_r[g, r, i])
-            out[g, i] = 0
+            for d in range(Dv):
+                out[g, i, d] = 0
             if mu == -np.inf:
                 lse[g, i] = -np.inf
                 continue
@@ -210,8 +221,10 @@ def _combine_kernel(out_r, lse_r, out, lse):
             for r in range(R):
                 w = np.exp(lse_r[g, r, i] - mu)
                 total += w
-                out[g, i] += w * out_r[g, r, i]
-            out[g, i] /= total
+                for d in range(Dv):
+                    out[g, i, d] += w * out_r[g, r, i, d]
+            for d in range(Dv):
+                out[g, i, d] /= total
             lse[g, i] = mu + np.log(total)
 
 

@@ -88,7 +88,7 @@ def _add(j, stamp, marker, cand, n):
 
 
 @kernel
-def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha, use_sort, mode, window,
+def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha, use_sort, n_iter, mode, window,
                          global_tokens, q_labels, members, offsets, q_proj, k_proj_t, q_norm, k_norm, threshold,
                          graph, dense_z_max, dense_tau, recall, out, keys_per_query, support_out, gold_hits):
     G, Nq, D = q.shape
@@ -98,7 +98,9 @@ def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha
     for task in prange(G * n_blocks):
         g = task // n_blocks
         i0 = (task % n_blocks) * BLOCK_Q
-        marker = np.full(Nk, -1, dtype=np.int64)
+        marker = np.empty(Nk, dtype=np.int64)
+        for j in range(Nk):
+            marker[j] = -1
         cand = np.empty(Nk, dtype=np.int64)
         z = np.empty(Nk, dtype=q.dtype)
         inner = np.empty(Nk, dtype=np.int64)
@@ -147,7 +149,8 @@ def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha
                             if (alpha - 1.0) * (np.float64(s) - dense_z_max[g, i]) > dense_tau[g, i]:
                                 n = _add(j, i, marker, cand, n)
             keys_per_query[g, i] = n
-            out[g, i] = 0
+            for d in range(Dv):
+                out[g, i, d] = 0
             support_out[g, i] = 0
             gold_hits[g, i] = 0
             if n == 0:
@@ -161,7 +164,7 @@ def _sparsefinder_kernel(q, k, v, keep, causal, offset, pos_offset, scale, alpha
                     if (alpha - 1.0) * (np.float64(z[c]) - dense_z_max[g, i]) > dense_tau[g, i]:
                         hits += 1
                 gold_hits[g, i] = hits
-            nc, z_max, tau = row_threshold(z, n, alpha, use_sort, DEFAULT_N_ITER, inner, xc, work)
+            nc, z_max, tau = row_threshold(z, n, alpha, use_sort, n_iter, inner, xc, work)
             _, support = row_weights(xc, nc, tau, alpha, not use_sort)
             accumulate_support(xc, nc, inner, cand, v, g, acc)
             for d in range(Dv):
@@ -194,7 +197,7 @@ def forward(q, k, v, *, mask, offset, scale, **params):
     with blas_single_thread():
         _sparsefinder_kernel(
             q, k, v, keep, offset is not None, 0 if offset is None else int(offset),
-            position_offset(offset, Nq, Nk), q.dtype.type(scale), float(alpha), alpha in (1.5, 2.0),
+            position_offset(offset, Nq, Nk), q.dtype.type(scale), float(alpha), alpha in (1.5, 2.0), DEFAULT_N_ITER,
             predictor_code(params["predictor"], params["metric"], graph), -1 if window is None else int(window),
             int(params["global_tokens"]),
             _or_empty(plan["q_labels"], 3, np.int64), _or_empty(plan["members"], 2, np.int64),

@@ -39,6 +39,7 @@ from numba import prange
 
 from ..._hashing import segment_offsets, stable_key_argsort
 from ..._jit import blas_single_thread, contiguous, exp_shifted, kernel, row_maximum, serial
+from ..._tiles import scale_rows
 from ...masks import as_kernel_mask
 from . import _common
 
@@ -129,6 +130,21 @@ def _tree_arrays(tree, dtype):
 
 
 @serial
+def _search(a, lo, hi, x, right):
+    """``lo + np.searchsorted(a[lo:hi], x, side="right" if right else "left")`` for a sorted integer ``a``.
+
+    A plain binary search: the same answer at a fraction of ``np.searchsorted``'s compile time.
+    """
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] < x or (right and a[mid] == x):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@serial
 def _query_block(cell, block, block_q, off_q, off_k, perm_q, perm_k, causal, offset):
     """Slice ``g``, sorted query range ``[p0, p1)`` of a TF task and the key range ``[j0, j1)`` it may see.
 
@@ -142,7 +158,7 @@ def _query_block(cell, block, block_q, off_q, off_k, perm_q, perm_k, causal, off
     p1 = min(off_q[g, leaf + 1], p0 + block_q)
     j0, j1 = off_k[g, leaf], off_k[g, leaf + 1]
     if causal:
-        j1 = j0 + np.searchsorted(perm_k[g, j0:j1], perm_q[g, p1 - 1] + offset, side="right")
+        j1 = _search(perm_k[g], j0, j1, perm_q[g, p1 - 1] + offset, True)
     return g, p0, p1, j0, j1
 
 
@@ -159,7 +175,7 @@ def _key_block(cell, block, block_k, off_q, off_k, perm_q, perm_k, causal, offse
     j1 = min(off_k[g, leaf + 1], j0 + block_k)
     p0, p1 = off_q[g, leaf], off_q[g, leaf + 1]
     if causal:
-        p0 = p0 + np.searchsorted(perm_q[g, p0:p1], perm_k[g, j0] - offset, side="left")
+        p0 = _search(perm_q[g], p0, p1, perm_k[g, j0] - offset, False)
     return g, j0, j1, p0, p1
 
 
@@ -174,25 +190,30 @@ def _tf_forward_kernel(qs, ks, vs, perm_q, perm_k, off_q, off_k, task_cell, task
         if c == 0:
             for r in range(bq):
                 i = perm_q[g, p0 + r]
-                out[g, i] = 0
+                for d in range(Dv):
+                    out[g, i, d] = 0
                 lse[g, i] = -np.inf
                 keys_per_row[g, i] = 0
             continue
-        qb = qs[g, p0:p1] * scale                                          # (Bq, D)
+        qb = np.empty((bq, qs.shape[2]), dtype=qs.dtype)                   # (Bq, D)
+        scale_rows(qs, g, p0, scale, qb)                                   # a loop: cheaper to compile than * scale
         s = np.empty((bq, c), dtype=qs.dtype)                              # (Bq, c)
         np.dot(qb, ks[g, j0:j1].T, s)
-        ell = np.zeros(bq, dtype=qs.dtype)
+        ell = np.empty(bq, dtype=qs.dtype)
         bits = np.empty(c, dtype=np.int32)
         # Row r sees the leaf keys [j0, j0 + visible): all of them, or a causal prefix.
         for r in range(bq):
             i = perm_q[g, p0 + r]
+            ell[r] = 0
             visible = c
             if causal:
-                visible = np.searchsorted(perm_k[g, j0:j1], i + offset, side="right")
-                s[r, visible:] = -np.inf
+                visible = _search(perm_k[g], j0, j1, i + offset, True) - j0
+                for col in range(visible, c):
+                    s[r, col] = -np.inf
             keys_per_row[g, i] = visible
             if visible == 0:
-                s[r, :] = 0
+                for col in range(c):
+                    s[r, col] = 0
                 lse[g, i] = -np.inf
                 continue
             mu = row_maximum(s[r])
@@ -202,10 +223,8 @@ def _tf_forward_kernel(qs, ks, vs, perm_q, perm_k, off_q, off_k, task_cell, task
         np.dot(s, vs[g, j0:j1], pv)                                        # (Bq, Dv)
         for r in range(bq):
             i = perm_q[g, p0 + r]
-            if ell[r] != 0:                                               # NaN scores propagate
-                out[g, i] = pv[r] / ell[r]
-            else:
-                out[g, i] = 0
+            for d in range(Dv):                                            # NaN scores propagate
+                out[g, i, d] = pv[r, d] / ell[r] if ell[r] != 0 else 0
 
 
 @serial
@@ -217,15 +236,19 @@ def _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, del
     rows, cols = p1 - p0, j1 - j0
     p = np.empty((rows, cols), dtype=qs.dtype)                             # scores, then P
     ds = np.empty((rows, cols), dtype=qs.dtype)                            # dP, then dS
-    np.dot(qs[g, p0:p1] * scale, ks[g, j0:j1].T, p)
+    qb = np.empty((rows, qs.shape[2]), dtype=qs.dtype)                     # (rows, D)
+    scale_rows(qs, g, p0, scale, qb)
+    np.dot(qb, ks[g, j0:j1].T, p)
     np.dot(dos[g, p0:p1], vs[g, j0:j1].T, ds)
     bits = np.empty(cols, dtype=np.int32)
     for r in range(rows):
         i = perm_q[g, p0 + r]
         if causal:
-            p[r, np.searchsorted(perm_k[g, j0:j1], i + offset, side="right"):] = -np.inf
+            for col in range(_search(perm_k[g], j0, j1, i + offset, True) - j0, cols):
+                p[r, col] = -np.inf
         if lse[g, i] == -np.inf:
-            p[r, :] = 0
+            for col in range(cols):
+                p[r, col] = 0
         else:
             exp_shifted(p[r], lse[g, i], bits)
         for col in range(cols):
@@ -243,14 +266,16 @@ def _tf_backward_q_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_ce
                                          causal, offset)
         if j1 == j0:
             for r in range(p1 - p0):
-                dq[g, perm_q[g, p0 + r]] = 0
+                for d in range(D):
+                    dq[g, perm_q[g, p0 + r], d] = 0
             continue
         _, ds = _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, delta, causal, offset,
                                 scale)
         dqb = np.empty((p1 - p0, D), dtype=qs.dtype)
         np.dot(ds, ks[g, j0:j1], dqb)                                      # (Bq, D)
         for r in range(p1 - p0):
-            dq[g, perm_q[g, p0 + r]] = dqb[r] * scale
+            for d in range(D):
+                dq[g, perm_q[g, p0 + r], d] = dqb[r, d] * scale
 
 
 @kernel
@@ -263,8 +288,11 @@ def _tf_backward_kv_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_c
                                        causal, offset)
         if p1 == p0:
             for col in range(j1 - j0):
-                dk[g, perm_k[g, j0 + col]] = 0
-                dv[g, perm_k[g, j0 + col]] = 0
+                j = perm_k[g, j0 + col]
+                for d in range(D):
+                    dk[g, j, d] = 0
+                for d in range(Dv):
+                    dv[g, j, d] = 0
             continue
         p, ds = _tile_gradients(qs, ks, vs, dos, perm_q, perm_k, g, p0, p1, j0, j1, lse, delta, causal, offset,
                                 scale)
@@ -273,8 +301,11 @@ def _tf_backward_kv_kernel(qs, ks, vs, dos, perm_q, perm_k, off_q, off_k, task_c
         np.dot(p.T, dos[g, p0:p1], dvb)                                    # (Bk, Dv)
         np.dot(ds.T, qs[g, p0:p1], dkb)                                    # (Bk, D)
         for col in range(j1 - j0):
-            dk[g, perm_k[g, j0 + col]] = dkb[col] * scale
-            dv[g, perm_k[g, j0 + col]] = dvb[col]
+            j = perm_k[g, j0 + col]
+            for d in range(D):
+                dk[g, j, d] = dkb[col, d] * scale
+            for d in range(Dv):
+                dv[g, j, d] = dvb[col, d]
 
 
 def _leaf_sizes(off, L):
@@ -343,8 +374,10 @@ def _tc_leaf_sums_kernel(k, v, perm_k, off_k, node_k, node_v, counts):
         g = cell // L
         leaf = cell - g * L
         m = internal + leaf
-        node_k[g, m, :] = 0
-        node_v[g, m, :] = 0
+        for d in range(k.shape[2]):                                        # loops, not array expressions:
+            node_k[g, m, d] = 0                                            # far cheaper to compile
+        for d in range(v.shape[2]):
+            node_v[g, m, d] = 0
         for p in range(off_k[g, leaf], off_k[g, leaf + 1]):
             j = perm_k[g, p]
             for d in range(k.shape[2]):
@@ -396,7 +429,8 @@ def _tc_forward_kernel(q, kbar, vbar, counts, leaf_q, height, scale, block_q, ou
                 node[t] = (1 << t) - 1 + (leaf >> (height - t))
                 sc[t] = scale * _dot(q[g, i], kbar[g, node[t]]) if counts[g, node[t]] > 0 else -np.inf
                 mu = max(mu, sc[t])
-            out[g, i, :] = 0
+            for d in range(Dv):
+                out[g, i, d] = 0
             if mu == -np.inf:                                              # the slice has no kept key
                 lse[g, i] = -np.inf
                 path_len[g, i] = 0

@@ -23,20 +23,22 @@ def _forward_kernel(v, keep, causal, offset, Nq, out):
     G, Nk, Dv = v.shape
     has_mask = keep.shape[0] > 0
     for g in prange(G):
-        running = np.zeros(Dv, dtype=v.dtype)
+        # Explicit loops, not array expressions: the same work at a fraction of the compile time.
+        running = np.empty(Dv, dtype=v.dtype)
+        for c in range(Dv):
+            running[c] = 0
         count = 0
         j = 0  # keys [0, j) are summed
         for i in range(Nq):
             end = Nk if not causal else min(Nk, max(0, i + offset + 1))
             while j < end:
                 if not has_mask or keep[g, j]:
-                    running += v[g, j]
+                    for c in range(Dv):
+                        running[c] += v[g, j, c]
                     count += 1
                 j += 1
-            if count > 0:
-                out[g, i] = running / count
-            else:
-                out[g, i] = 0
+            for c in range(Dv):
+                out[g, i, c] = running[c] / count if count > 0 else 0
 
 
 @kernel
@@ -45,7 +47,7 @@ def _backward_kernel(dout, keep, causal, offset, Nk, dv):
     has_mask = keep.shape[0] > 0
     for g in prange(G):
         # counts |V_i| by a forward pass over the keys
-        counts = np.zeros(Nq, dtype=np.int64)
+        counts = np.empty(Nq, dtype=np.int64)
         count = 0
         j = 0
         for i in range(Nq):
@@ -56,17 +58,19 @@ def _backward_kernel(dout, keep, causal, offset, Nk, dv):
                 j += 1
             counts[i] = count
         # dv_j = sum over queries whose range reaches past j, walking backwards
-        running = np.zeros(Dv, dtype=dout.dtype)
+        running = np.empty(Dv, dtype=dout.dtype)
+        for c in range(Dv):
+            running[c] = 0
         i = Nq - 1
         for j in range(Nk - 1, -1, -1):
             while i >= 0 and (not causal or i + offset + 1 > j):
                 if counts[i] > 0:
-                    running += dout[g, i] / counts[i]
+                    for c in range(Dv):
+                        running[c] += dout[g, i, c] / counts[i]
                 i -= 1
-            if not has_mask or keep[g, j]:
-                dv[g, j] = running
-            else:
-                dv[g, j] = 0
+            visible = not has_mask or keep[g, j]
+            for c in range(Dv):
+                dv[g, j, c] = running[c] if visible else 0
 
 
 def forward(q, k, v, *, mask, offset, scale):

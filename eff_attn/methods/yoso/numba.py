@@ -45,6 +45,7 @@ import numpy as np
 from numba import prange
 
 from ..._jit import FASTMATH, blas_single_thread, contiguous, kernel, serial
+from ..._tiles import add_into, set_zero, store_scaled
 from ...masks import as_kernel_mask
 from .reference import YosoOps, entry_points
 
@@ -97,7 +98,10 @@ def _codes_kernel(x, planes_t, m, tau, codes):
     n_blocks = (N + HASH_BLOCK - 1) // HASH_BLOCK
     for task in prange(G * n_blocks):
         g, i0, i1 = _task_block(task, n_blocks, HASH_BLOCK, N)
-        rows = x[g, i0:i1].astype(planes_t.dtype)                             # (B, D)
+        rows = np.empty((i1 - i0, D), dtype=planes_t.dtype)                   # (B, D)
+        for r in range(i1 - i0):                                              # a loop, not astype: cheaper to compile
+            for d in range(D):
+                rows[r, d] = x[g, i0 + r, d]
         proj = np.empty((i1 - i0, m * tau), dtype=planes_t.dtype)             # (B, m tau)
         np.dot(rows, planes_t[g if planes_t.shape[0] > 1 else 0], proj)
         for r in range(i1 - i0):
@@ -144,10 +148,16 @@ def _bucket_sum_kernel(src_codes, src_values, keep, dst_codes, tau, chunk, parti
     has_keep = keep.shape[0] > 0
     for task in prange(G * n_groups):
         g, h0, h1 = _task_block(task, n_groups, HASH_GROUP, m)
-        table = np.zeros(((1 << tau), chunk), dtype=src_values.dtype)        # (2^tau, Dc)
-        sizes = np.zeros(1 << tau, dtype=np.int64)                            # (2^tau,)
+        table = np.empty(((1 << tau), chunk), dtype=src_values.dtype)        # (2^tau, Dc)
+        sizes = np.empty(1 << tau, dtype=np.int64)                            # (2^tau,)
+        for b in range(1 << tau):                                             # loops, not array expressions:
+            sizes[b] = 0                                                      # far cheaper to compile
+            for d in range(chunk):
+                table[b, d] = 0
         out = partial[g, task % n_groups]                                     # (Nd, Dv)
-        out[:] = 0
+        for i in range(Nd):
+            for d in range(Dv):
+                out[i, d] = 0
         for c0 in range(0, Dv, chunk):
             c1 = min(Dv, c0 + chunk)
             first = c0 == 0
@@ -168,7 +178,8 @@ def _bucket_sum_kernel(src_codes, src_values, keep, dst_codes, tau, chunk, parti
                         counts[g, task % n_groups, i] += sizes[b]
                 for j in range(Ns):                                           # reset the touched rows
                     b = src_codes[g, h, j]
-                    table[b, :] = 0
+                    for d in range(chunk):
+                        table[b, d] = 0
                     sizes[b] = 0
 
 
@@ -227,8 +238,8 @@ def _add_row_product(out, a, M):
 @serial
 def _bucket_outer(first_q, next_q, first_k, next_k, du, v, q_unit, k_unit, g, dq, dk, M, Nmat):
     """Outer form: ``dq_I += du_I (v_J^T k^_J)`` and ``dk_J += v_J (du_I^T q^_I)``."""
-    M[:] = 0
-    Nmat[:] = 0
+    set_zero(M)
+    set_zero(Nmat)
     j = first_k
     while j >= 0:                                                             # M = v_J^T k^_J (Dv, D)
         _add_outer(M, v[g, j], k_unit[g, j])
@@ -260,18 +271,23 @@ def _pairs_backward_kernel(du, v, q_unit, k_unit, q_codes, k_codes, keep, tau, d
     for task in prange(G * n_groups):
         g, h0, h1 = _task_block(task, n_groups, HASH_GROUP, m)
         grp = task % n_groups
-        head_q = np.full(1 << tau, -1, dtype=np.int64)
-        head_k = np.full(1 << tau, -1, dtype=np.int64)
-        size_q = np.zeros(1 << tau, dtype=np.int64)
-        size_k = np.zeros(1 << tau, dtype=np.int64)
+        head_q = np.empty(1 << tau, dtype=np.int64)
+        head_k = np.empty(1 << tau, dtype=np.int64)
+        size_q = np.empty(1 << tau, dtype=np.int64)
+        size_k = np.empty(1 << tau, dtype=np.int64)
+        for b in range(1 << tau):                                             # loops, not array expressions:
+            head_q[b] = -1                                                    # far cheaper to compile
+            head_k[b] = -1
+            size_q[b] = 0
+            size_k[b] = 0
         next_q = np.empty(Nq, dtype=np.int64)
         next_k = np.empty(Nk, dtype=np.int64)
         M = np.empty((Dv, D), dtype=du.dtype)
         Nmat = np.empty((Dv, D), dtype=du.dtype)
         dq = dq_part[g, grp]                                                  # (Nq, D)
         dk = dk_part[g, grp]                                                  # (Nk, D)
-        dq[:] = 0
-        dk[:] = 0
+        set_zero(dq)
+        set_zero(dk)
         for h in range(h0, h1):
             for i in range(Nq - 1, -1, -1):                                   # thread the buckets
                 b = q_codes[g, h, i]
@@ -372,8 +388,12 @@ def _expectation_kernel(q_unit, k_unit, v, keep, tau, damping, u, row_mass):
     for task in prange(G * n_blocks):
         g, i0, i1 = _task_block(task, n_blocks, BLOCK_Q, Nq)
         bq = i1 - i0
-        acc = np.zeros((bq, Dv), dtype=v.dtype)                               # (Bq, Dv)
-        mass = np.zeros(bq, dtype=v.dtype)                                    # (Bq,)
+        acc = u[g, i0:i1]                                                     # (Bq, Dv), accumulated in place
+        mass = row_mass[g, i0:i1]                                             # (Bq,)
+        for r in range(bq):                                                   # loops, not array expressions:
+            mass[r] = 0                                                       # far cheaper to compile
+            for d in range(Dv):
+                acc[r, d] = 0
         pv = np.empty((bq, Dv), dtype=v.dtype)                                # (Bq, Dv)
         x_buf = np.empty(bq * BLOCK_K, dtype=q_unit.dtype)
         for j0 in range(0, Nk, BLOCK_K):
@@ -382,11 +402,14 @@ def _expectation_kernel(q_unit, k_unit, v, keep, tau, damping, u, row_mass):
             np.dot(q_unit[g, i0:i1], k_unit[g, j0:j1].T, x)                   # (Bq, Bk) cosines
             _weight_tile(x, keep, g, j0, tau, damping, False, x, no_w)        # (Bq, Bk) P, in place
             for r in range(bq):
-                mass[r] += x[r].sum()
+                total = x.dtype.type(0)
+                for c in range(j1 - j0):
+                    total += x[r, c]
+                mass[r] += total
             np.dot(x, v[g, j0:j1], pv)                                        # (Bq, Dv) P_J v_J
-            acc += pv
-        u[g, i0:i1] = acc
-        row_mass[g, i0:i1] = mass
+            for r in range(bq):
+                for d in range(Dv):
+                    acc[r, d] += pv[r, d]
 
 
 def _expectation_sum(q_unit, k_unit, v, mask, tau, damping):
@@ -399,6 +422,14 @@ def _expectation_sum(q_unit, k_unit, v, mask, tau, damping):
     return u, row_mass
 
 
+@serial
+def _multiply_into(S, W):
+    """``S *= W`` for two (rows, cols) tiles, as an explicit loop (cheaper to compile)."""
+    for r in range(S.shape[0]):
+        for c in range(S.shape[1]):
+            S[r, c] *= W[r, c]
+
+
 @kernel
 def _expectation_dq_kernel(du, q_unit, k_unit, v, keep, tau, damping, exact_grad, dq):
     """``dq^ = ((du v^T) * W) k^``, one (slice, query block) per task, W recomputed per tile."""
@@ -408,7 +439,8 @@ def _expectation_dq_kernel(du, q_unit, k_unit, v, keep, tau, damping, exact_grad
     for task in prange(G * n_blocks):
         g, i0, i1 = _task_block(task, n_blocks, BLOCK_Q, Nq)
         bq = i1 - i0
-        acc = np.zeros((bq, D), dtype=dq.dtype)                               # (Bq, D)
+        acc = np.empty((bq, D), dtype=dq.dtype)                               # (Bq, D)
+        set_zero(acc)
         part = np.empty((bq, D), dtype=dq.dtype)
         x_buf = np.empty(bq * BLOCK_K, dtype=dq.dtype)
         w_buf = np.empty(bq * BLOCK_K, dtype=dq.dtype)
@@ -421,10 +453,10 @@ def _expectation_dq_kernel(du, q_unit, k_unit, v, keep, tau, damping, exact_grad
             np.dot(q_unit[g, i0:i1], k_unit[g, j0:j1].T, x)                   # (Bq, Bk) cosines
             _weight_tile(x, keep, g, j0, tau, damping, exact_grad, x, W)      # x <- P; W
             np.dot(du[g, i0:i1], v[g, j0:j1].T, S)                            # (Bq, Bk) du v^T
-            S *= W                                                            # (Bq, Bk) dx
+            _multiply_into(S, W)                                              # (Bq, Bk) dx
             np.dot(S, k_unit[g, j0:j1], part)                                 # (Bq, D)
-            acc += part
-        dq[g, i0:i1] = acc
+            add_into(acc, part)
+        store_scaled(dq, g, i0, acc, dq.dtype.type(1))
 
 
 @kernel
@@ -436,8 +468,10 @@ def _expectation_dkv_kernel(du, q_unit, k_unit, v, keep, tau, damping, exact_gra
     for task in prange(G * n_blocks):
         g, j0, j1 = _task_block(task, n_blocks, BLOCK_K, Nk)
         bk = j1 - j0
-        dk_acc = np.zeros((bk, D), dtype=dk.dtype)                            # (Bk, D)
-        dv_acc = np.zeros((bk, Dv), dtype=dv.dtype)                           # (Bk, Dv)
+        dk_acc = np.empty((bk, D), dtype=dk.dtype)                            # (Bk, D)
+        dv_acc = np.empty((bk, Dv), dtype=dv.dtype)                           # (Bk, Dv)
+        set_zero(dk_acc)
+        set_zero(dv_acc)
         dk_part = np.empty((bk, D), dtype=dk.dtype)
         dv_part = np.empty((bk, Dv), dtype=dv.dtype)
         x_buf = np.empty(BLOCK_Q * bk, dtype=dk.dtype)
@@ -451,13 +485,13 @@ def _expectation_dkv_kernel(du, q_unit, k_unit, v, keep, tau, damping, exact_gra
             np.dot(q_unit[g, i0:i1], k_unit[g, j0:j1].T, x)                   # (Bq, Bk) cosines
             _weight_tile(x, keep, g, j0, tau, damping, exact_grad, x, W)      # x <- P; W
             np.dot(x.T, du[g, i0:i1], dv_part)                                # (Bk, Dv) P^T du
-            dv_acc += dv_part
+            add_into(dv_acc, dv_part)
             np.dot(du[g, i0:i1], v[g, j0:j1].T, S)                            # (Bq, Bk) du v^T
-            S *= W                                                            # (Bq, Bk) dx
+            _multiply_into(S, W)                                              # (Bq, Bk) dx
             np.dot(S.T, q_unit[g, i0:i1], dk_part)                            # (Bk, D)
-            dk_acc += dk_part
-        dk[g, j0:j1] = dk_acc
-        dv[g, j0:j1] = dv_acc
+            add_into(dk_acc, dk_part)
+        store_scaled(dk, g, j0, dk_acc, dk.dtype.type(1))
+        store_scaled(dv, g, j0, dv_acc, dv.dtype.type(1))
 
 
 def _expectation_backward(du, q_unit, k_unit, v, mask, tau, damping, grad):

@@ -4,8 +4,9 @@ A *method* (``exact``, ``yoso``, ...) is described once by a :class:`Method`
 record in its folder's ``__init__.py``: how to resolve its parameters, how to
 draw its randomness on the host (from the shapes alone) and fit its
 data-dependent state (from the values of the inputs), its analytic FLOP count,
-and one :class:`Impl` per backend. The registry maps method names to those records and imports
-them lazily, so ``import eff_attn`` never imports Numba or CuPy.
+and one :class:`Impl` per backend. The registry maps method names to those
+records and imports them lazily, so ``import eff_attn`` never imports Numba or
+CuPy.
 
 Adding a method means adding its folder and one line to :data:`METHOD_MODULES`.
 """

@@ -2,7 +2,8 @@
 
 :func:`attention` validates the inputs, resolves the method's parameters and
 picks a backend (:mod:`eff_attn._dispatch`), draws the method's randomness on
-the host, runs the backend's ``forward`` and then the method's ``finish``
+the host (``Method.draw``, from the shapes alone), fits its data-dependent
+state when it has one (``Method.fit``, from the values of the inputs), runs the backend's ``forward`` and then the method's ``finish``
 (``Method.finish``), and returns the output in the caller's framework.
 :func:`attention_vjp` does the same and also returns the pullback, built on
 the backend's ``backward``.
@@ -94,7 +95,7 @@ def backends() -> dict[str, dict]:
 
 def prepare(q, k, v, *, method="exact", backend="auto", mask=None, causal=False, scale=None,
             rng=None, check_finite=True, need_grad=False, **params) -> Call:
-    """Validate, resolve, dispatch and draw, without running anything.
+    """Validate, resolve, dispatch, draw and fit, without running anything.
 
     This is the first half of :func:`attention`; the benchmark runner uses it
     to time the backend call alone.
@@ -107,8 +108,8 @@ def prepare(q, k, v, *, method="exact", backend="auto", mask=None, causal=False,
     resolved = resolve_params(m, problem, params)
     degree = m.value_degree(resolved) if callable(m.value_degree) else m.value_degree
     impl = select_impl(m, backend, problem, resolved, need_grad)
-    drawn = m.draw(rng, problem, resolved) if m.draw is not None and problem.G > 0 else {}
-    return Call(method=m, impl=impl, problem=problem, params=resolved, kwargs={**resolved, **drawn},
+    kwargs = m.draw_and_fit(rng, problem, resolved) if problem.G > 0 else dict(resolved)
+    return Call(method=m, impl=impl, problem=problem, params=resolved, kwargs=kwargs,
                 v_scale=v_scale, value_degree=degree)
 
 

@@ -2,9 +2,11 @@
 
 A *method* (``exact``, ``yoso``, ...) is described once by a :class:`Method`
 record in its folder's ``__init__.py``: how to resolve its parameters, how to
-draw its randomness on the host, its analytic FLOP count, and one :class:`Impl`
-per backend. The registry maps method names to those records and imports
-them lazily, so ``import eff_attn`` never imports Numba or CuPy.
+draw its randomness on the host (from the shapes alone) and fit its
+data-dependent state (from the values of the inputs), its analytic FLOP count,
+and one :class:`Impl` per backend. The registry maps method names to those
+records and imports them lazily, so ``import eff_attn`` never imports Numba or
+CuPy.
 
 Adding a method means adding its folder and one line to :data:`METHOD_MODULES`.
 """
@@ -15,7 +17,10 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from . import _backend
+from .random import as_generator
 
 __all__ = [
     "Impl",
@@ -140,12 +145,16 @@ class Sharding:
         ``shared`` is refused with :class:`NotSupportedError`; plain values
         (None, bool, numbers, str and tuples of them) are always shared.
     reads_data : bool or callable, default=True
-        Whether ``resolve`` or ``draw`` read the values of q, k, v or mask
-        (not only their shapes). Then both run in one task that sees the
-        whole inputs (correct, but that task gathers them). A callable
-        ``reads_data(problem, params) -> bool`` gets the call's
-        :class:`~eff_attn._validate.Problem` (shapes, ``causal``, ``scale``;
-        its arrays hold no data) and the user's method parameters.
+        Whether ``resolve`` reads the values of q, k, v or mask (not only
+        their shapes). Then the call is prepared (resolved, drawn and fitted)
+        in one task that sees the whole inputs (correct, but that task
+        gathers them). A callable ``reads_data(problem, params) -> bool``
+        gets the call's :class:`~eff_attn._validate.Problem` (shapes,
+        ``causal``, ``scale``; its arrays hold no data) and the user's method
+        parameters. ``draw`` never reads the data (see :class:`Method`), and
+        a call whose :meth:`Method.fits` is true runs in that one task
+        whatever this says, so a method whose ``resolve`` reads only shapes
+        gives ``False`` here even when it fits a state to the data.
     queries : bool or callable, default=False
         Each output row depends only on its own query, all keys and the
         resolved/drawn entries, so the query axis may be split (a task gets
@@ -186,8 +195,25 @@ class Method:
     impls : tuple of Impl
     draw : callable, optional
         ``draw(rng, problem, params) -> dict`` of host-side NumPy arrays
-        (hyperplanes, features, samples), passed on to the backend as
-        keyword arguments. ``None`` for deterministic methods.
+        (hyperplanes, features) or records, passed on to the backend as
+        keyword arguments: the method's randomness, and what follows from
+        the resolved parameters alone (a given state bound to the slices).
+        It reads the shapes of ``problem`` (and ``causal``, ``scale``),
+        never the values of q, k, v or mask, so :mod:`eff_attn.dist` runs
+        it on the client. ``None`` when there is nothing to draw.
+    fit : callable, optional
+        ``fit(rng, problem, params) -> dict``: the state computed from the
+        values of q, k, v and mask (k-means centroids, a fitted tree,
+        learned projections), passed on to the backend like ``draw``'s
+        entries, which it overrides. It runs after ``draw``, only when
+        :meth:`fits` is true, and ``params`` holds the resolved parameters
+        and the drawn entries. It may use ``rng`` too (k-means++ seeding,
+        the queries it fits on); an integer seed is then turned into one
+        Generator that ``draw`` uses first and ``fit`` continues.
+    fit_when : callable, optional
+        ``fit_when(problem, params) -> bool`` on the resolved parameters:
+        whether ``fit`` runs for this call (say, only without a given
+        state). ``None``: whenever ``fit`` is set.
     info : callable, optional
         ``info(problem, params, res) -> dict`` of method diagnostics built
         from the backend's residuals ``res``.
@@ -227,6 +253,8 @@ class Method:
     flops: Callable[..., int]
     impls: tuple[Impl, ...]
     draw: Callable[..., dict] | None = None
+    fit: Callable[..., dict] | None = None
+    fit_when: Callable[[Any, dict], bool] | None = None
     info: Callable[..., dict] | None = None
     finish: Callable[..., dict] | None = None
     budgets: tuple[dict, ...] | Callable[[int], tuple[dict, ...]] = ({},)
@@ -237,7 +265,31 @@ class Method:
 
     @property
     def randomized(self) -> bool:
-        return self.draw is not None
+        """Whether the method takes ``rng``: it draws randomness or fits a state (which may use it)."""
+        return self.draw is not None or self.fit is not None
+
+    def fits(self, problem, params: dict) -> bool:
+        """Whether this call runs :attr:`fit`, and so reads the values of the inputs.
+
+        ``params`` are the resolved parameters.
+        """
+        return self.fit is not None and (self.fit_when is None or bool(self.fit_when(problem, params)))
+
+    def draw_and_fit(self, rng, problem, params: dict) -> dict:
+        """The backend's keyword arguments: ``params`` (resolved), then :attr:`draw`'s, then :attr:`fit`'s.
+
+        When both run, an integer seed becomes one Generator, so that the
+        fit continues the draw's stream.
+        """
+        fitting = self.fits(problem, params)
+        if fitting and self.draw is not None and rng is not None and not isinstance(rng, np.random.Generator):
+            rng = as_generator(rng)
+        kwargs = dict(params)
+        if self.draw is not None:
+            kwargs.update(self.draw(rng, problem, params))
+        if fitting:
+            kwargs.update(self.fit(rng, problem, kwargs))
+        return kwargs
 
     def sweep(self, Nk: int) -> list[dict]:
         """The budget sweep at ``Nk`` keys (:attr:`budgets`), as fresh dicts."""

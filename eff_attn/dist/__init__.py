@@ -42,6 +42,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("eff_attn.dist needs dask: pip install 'eff_attn[dist]'") from exc
 
+from .._dispatch import resolve_params
 from .._validate import check_inputs, check_int
 from ..interop import array_module
 from ..masks import causal_offset
@@ -93,9 +94,10 @@ def attention(q, k, v, *, method="exact", backend="auto", mask=None, causal=Fals
     scale : float, optional
         Default ``1/sqrt(D)``.
     rng : None, int or numpy.random.Generator
-        Drawn once, for the whole problem: on the client, or for a method
-        whose draw reads the data, in one task that sees all of it (a
-        Generator is then copied into that task and not advanced here).
+        Drawn once, for the whole problem: on the client, or for a call
+        that fits a state to the data (``Method.fit``) or whose ``resolve``
+        reads it (``Sharding.reads_data``), in one task that sees all of it
+        (a Generator is then copied into that task and not advanced here).
     check_finite : bool, default=True
         Checked in each task, when the graph runs.
     split_every : int, default=4
@@ -145,16 +147,17 @@ def attention(q, k, v, *, method="exact", backend="auto", mask=None, causal=Fals
     k_bounds = _bounds(k.chunks[-2] if sharding.key_blocks is not None else (meta.Nk,))
     key_blocks = len(k_bounds) > 1
 
-    # 2. Resolve, choose the backend and draw once, for the whole problem: here, or in one
-    #    task that sees all the data when the method's resolve/draw read it.
-    if _decide(sharding.reads_data, meta, params):
+    # 2. Resolve, choose the backend, draw and fit once, for the whole problem: here, or in
+    #    one task that sees all the data when the method's resolve reads it or the call fits.
+    resolved = None if _decide(sharding.reads_data, meta, params) else resolve_params(m, meta, params)
+    if resolved is None or m.fits(meta, resolved):
         whole = [_single_block(x) for x in (q, k, v, mask)]
         shared = dask.delayed(prepare_on_data, pure=False)(
             *whole, method=m, backend=backend, causal=causal, scale=meta.scale, rng=rng,
             check_finite=check_finite, params=params)
     else:
         shared = None
-        prepared = prepare(m, meta, backend=backend, rng=rng, params=params)
+        prepared = prepare(m, meta, backend=backend, rng=rng, params=params, resolved=resolved)
         check_declared(m, prepared.kwargs)
 
     # 3. One task per (leading block, query block, visible key block); a merge tree per
@@ -220,8 +223,8 @@ def _meta_problem(arrays, *, causal, scale):
     Validation is the single-machine one: :func:`eff_attn._validate.check_inputs`
     runs on stand-ins with the real leading axes and feature sizes and one
     row each (``O(G (D + Dv))`` memory), and the sequence lengths are checked
-    here. ``resolve`` and ``draw`` of a method that reads only shapes run on
-    the result.
+    here. ``resolve`` of a method that reads only shapes, and every
+    ``draw``, run on the result.
     """
     for name in ("q", "k", "v"):
         x = arrays[name]

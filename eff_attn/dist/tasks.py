@@ -21,14 +21,14 @@ __all__ = ["Prepared", "prepare", "prepare_on_data", "run_part", "run_whole", "n
 
 @dataclass(frozen=True)
 class Prepared:
-    """A resolved, dispatched and drawn call.
+    """A resolved, dispatched, drawn and fitted call.
 
     Attributes
     ----------
     impl : Impl
         The backend that runs every part.
     kwargs : dict
-        The backend's keyword arguments: resolved parameters and draws.
+        The backend's keyword arguments: resolved parameters, draws and fitted state.
     whole : bool
         True when ``kwargs`` are the whole call's (each task cuts its part);
         False when they are already one task's part.
@@ -39,21 +39,22 @@ class Prepared:
     whole: bool = True
 
 
-def prepare(method: Method, problem, *, backend: str, rng, params: dict) -> Prepared:
-    """Resolve the parameters, pick the backend and draw, once, for the whole ``problem``.
+def prepare(method: Method, problem, *, backend: str, rng, params: dict, resolved: dict | None = None) -> Prepared:
+    """Resolve the parameters, pick the backend, draw and fit, once, for the whole ``problem``.
 
-    The same three steps as :func:`eff_attn.api.prepare`, with the same
-    errors, so at one seed the draws equal the single-machine call's.
+    The same steps as :func:`eff_attn.api.prepare`, with the same errors,
+    so at one seed the draws and the fitted state equal the single-machine
+    call's. ``resolved``: the parameters already resolved for ``problem``.
     """
-    resolved = resolve_params(method, problem, params)
+    if resolved is None:
+        resolved = resolve_params(method, problem, params)
     impl = select_impl(method, backend, problem, resolved, need_grad=False)
-    drawn = method.draw(rng, problem, resolved) if method.draw is not None else {}
-    return Prepared(impl, {**resolved, **drawn})
+    return Prepared(impl, method.draw_and_fit(rng, problem, resolved))
 
 
 def prepare_on_data(q, k, v, mask, *, method: Method, backend, causal, scale, rng, check_finite,
                     params) -> Prepared:
-    """:func:`prepare` in a task that sees the whole inputs (for ``reads_data`` methods)."""
+    """:func:`prepare` in a task that sees the whole inputs (``Sharding.reads_data``, or a call that fits)."""
     problem = check_inputs(q, k, v, mask=mask, causal=causal, scale=scale, check_finite=check_finite)
     prepared = prepare(method, problem, backend=backend, rng=rng, params=params)
     check_declared(method, prepared.kwargs)

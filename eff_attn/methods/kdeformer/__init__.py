@@ -273,7 +273,7 @@ def _not_causal(problem, params):
 
 
 def _kdeformer_reads_data(problem, params) -> bool:
-    """Injected sample indices were drawn for these data."""
+    """Injected sample indices: ``resolve`` checks that they index kept keys (the mask's values)."""
     return params.get("sample_idx") is not None
 
 

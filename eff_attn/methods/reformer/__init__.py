@@ -249,7 +249,7 @@ def info(problem, params, res) -> dict:
 
 
 def _reformer_reads_data(problem, params) -> bool:
-    """Shared-QK hashing normalises the queries, so its draw depends on the data."""
+    """``shared_qk=True``: ``resolve`` checks that the keys are the queries (their values)."""
     return bool(params.get("shared_qk"))
 
 

@@ -341,28 +341,44 @@ def _compare_with_exact(problem, plan, out) -> dict:
     }
 
 
-def draw(rng, problem, params) -> dict:
-    """The centroids the backends receive: the given state, or a fit on the input.
+def _fits(problem, params) -> bool:
+    """The centroids are fitted on the call's own inputs: neither ``state=`` nor ``plan=`` given."""
+    return params["state"] is None and params["plan"] is None
 
-    With ``state=None`` (and no plan) the centroids are fitted on the call's
-    own q and k by :func:`init_centroids` with ``rng``, one set per leading
-    index; that is the only use of ``rng``.
-    """
-    state, plan = params["state"], params["plan"]
-    if state is None and plan is None:
-        q, k, mask = _host_inputs(problem)
-        state = init_centroids(q, k, num_clusters=params["num_clusters"], mask=mask, rng=rng)
-        source = "fitted_on_input"
-    else:
-        if rng is not None:
-            raise ValueError("rng is used only to fit centroids when neither state= nor plan= is given; "
-                             "drop rng= or state=")
-        source = "given" if state is not None else "plan"
+
+def _bound(state, source, problem) -> dict:
+    """The backend's entries of ``state``: its centroids ``(H, C, D)`` and each slice's head."""
     centroids = head_of = None
     if state is not None:
         centroids = np.ascontiguousarray(state.centroids.reshape(-1, state.num_clusters, state.dim))
         head_of = head_index(state.head_shape, problem.batch_shape)
     return {"state": state, "state_source": source, "centroids": centroids, "head_of": head_of}
+
+
+def draw(rng, problem, params) -> dict:
+    """The given state (or plan) bound to the call's slices; nothing to draw when the call fits.
+
+    ``rng`` is used only by :func:`fit`, so passing it with ``state=`` or
+    ``plan=`` is an error.
+    """
+    if _fits(problem, params):
+        return {}
+    if rng is not None:
+        raise ValueError("rng is used only to fit centroids when neither state= nor plan= is given; "
+                         "drop rng= or state=")
+    state = params["state"]
+    return _bound(state, "given" if state is not None else "plan", problem)
+
+
+def fit(rng, problem, params) -> dict:
+    """Centroids fitted on the call's own q and k (neither ``state=`` nor ``plan=`` given).
+
+    :func:`init_centroids` with ``rng``, one set per leading index; that is
+    the only use of ``rng``.
+    """
+    q, k, mask = _host_inputs(problem)
+    state = init_centroids(q, k, num_clusters=params["num_clusters"], mask=mask, rng=rng)
+    return _bound(state, "fitted_on_input", problem)
 
 
 def _causality_reasons(problem, params) -> list[str]:
@@ -396,11 +412,6 @@ def _routing_plan_part(plan, part):
     return plan.map_arrays(lambda a, t: a[part.slices])
 
 
-def _routing_reads_data(problem, params) -> bool:
-    """Without a state, the centroids are fitted to the data."""
-    return params.get("state") is None
-
-
 METHOD = Method(
     name="routing",
     summary="Routing Transformer: online spherical k-means clusters, softmax within each cluster",
@@ -409,6 +420,8 @@ METHOD = Method(
     info=info,
     finish=finish,
     draw=draw,
+    fit=fit,
+    fit_when=_fits,
     impls=(
         Impl("numpy", "eff_attn.methods.routing.reference", check=_causality_reasons),
         Impl("numba", "eff_attn.methods.routing.numba", check=_causality_reasons),
@@ -416,7 +429,7 @@ METHOD = Method(
     ),
     budgets=({"num_clusters": 64}, {"num_clusters": 32}, {"num_clusters": 16}, {"num_clusters": 8}),
     budget_name="num_clusters",
-    sharding=Sharding(split={"head_of": ("slice",), "plan": _routing_plan_part}, shared=("state", "centroids"), reads_data=_routing_reads_data),
+    sharding=Sharding(split={"head_of": ("slice",), "plan": _routing_plan_part}, shared=("state", "centroids"), reads_data=False),
 )
 
 

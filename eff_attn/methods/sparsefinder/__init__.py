@@ -179,7 +179,12 @@ def resolve(problem, *, state=None, alpha=1.5, predictor="distance", top_cluster
     return params
 
 
-def draw(rng, problem, params) -> dict:
+def _fits(problem, params) -> bool:
+    """``state='fit'``: the projections are fitted on the call's own inputs."""
+    return params.get("state_source") == "fitted_on_input"
+
+
+def fit(rng, problem, params) -> dict:
     """``state='fit'`` only: fit a state on the call's own q and k (host, NumPy, seeded by ``rng``).
 
     One sequence per slice: the state's head shape is the inputs' leading
@@ -189,9 +194,6 @@ def draw(rng, problem, params) -> dict:
     The fit sees the gold graph of these very inputs, so it measures what a
     predictor of this kind can reach, not how it generalises.
     """
-    if params.get("state_source") != "fitted_on_input":
-        return {}
-
     rows, causal = _fit_queries(problem.Nq, problem.Nk, problem.offset)
     q = to_host(problem.unflatten(problem.q))[None][..., rows, :].astype(np.float64)  # (1, *batch, m, D)
     k = to_host(problem.unflatten(problem.k))[None].astype(np.float64)      # (1, *batch, Nk, D)
@@ -355,11 +357,6 @@ def _heads_part(heads, part):
     })
 
 
-def _sparsefinder_reads_data(problem, params) -> bool:
-    """``state="fit"`` fits projections to the call's own q and k."""
-    return isinstance(params.get("state"), str)
-
-
 METHOD = Method(
     name="sparsefinder",
     summary="learned low-dimensional projections predict the entmax support; entmax on the predicted graph only",
@@ -367,7 +364,8 @@ METHOD = Method(
     flops=flops,
     info=info,
     finish=finish,
-    draw=draw,
+    fit=fit,
+    fit_when=_fits,
     impls=(
         Impl("numpy", "eff_attn.methods.sparsefinder.reference", check=_check),
         Impl("numba", "eff_attn.methods.sparsefinder.numba", differentiable=False, check=_check),
@@ -378,7 +376,7 @@ METHOD = Method(
     budget_name="top_clusters",
     compare_defaults={"state": "fit", "predictor": "distance"},
     sharding=Sharding(split={"graph": ("slice", "query"), "heads": _heads_part}, shared=("fitted_state",),
-                      reads_data=_sparsefinder_reads_data),
+                      reads_data=False),
 )
 
 

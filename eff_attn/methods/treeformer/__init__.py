@@ -196,18 +196,30 @@ def _fit_for_call(problem, params, rng):
                        label="tree_init='fit'", points=pool_slices(q_all, k, keep, np.arange(G), G), holdout=holdout)
 
 
-def draw(rng, problem, params) -> dict:
-    """The call's tree, bound to its slices: the given state, or one built per leading index.
+def _fits(problem, params) -> bool:
+    """The call builds its tree from its own inputs: no ``state=`` given."""
+    return params["state"] is None
 
-    ``rng`` is used only by ``tree_init="random"`` (the split directions) and
+
+def draw(rng, problem, params) -> dict:
+    """A given state bound to the call's slices; nothing to draw when the call builds its tree (:func:`fit`)."""
+    state = params["state"]
+    if state is None:
+        return {}
+    if rng is not None:
+        raise ValueError("rng is unused when state= is given (the tree is fixed); pass rng=None")
+    return {"tree": BoundTree(state, tree_index(state.tree_shape, problem.batch_shape), "given")}
+
+
+def fit(rng, problem, params) -> dict:
+    """The call's tree, built per leading index from its own q and k (no ``state=`` given).
+
+    ``tree_init="pca_median"`` and ``"random"`` place the splits at medians
+    of the inputs' projections; ``"fit"`` then trains the tree on them. ``rng``
+    is used only by ``tree_init="random"`` (the split directions) and
     ``tree_init="fit"`` (which queries the fit samples, when there are more
     than ``FIT_MAX_QUERIES``).
     """
-    state = params["state"]
-    if state is not None:
-        if rng is not None:
-            raise ValueError("rng is unused when state= is given (the tree is fixed); pass rng=None")
-        return {"tree": BoundTree(state, tree_index(state.tree_shape, problem.batch_shape), "given")}
     init, h, T = params["tree_init"], params["height"], problem.batch_shape
     q, k = problem.unflatten(to_host(problem.q)), problem.unflatten(to_host(problem.k))
     mask = None if problem.mask is None else problem.unflatten(to_host(problem.mask))
@@ -304,14 +316,9 @@ def _tree_part(tree, part):
     return dataclasses.replace(tree, tree_of_slice=tree.tree_of_slice[part.slices])
 
 
-def _tree_reads_data(problem, params) -> bool:
-    """Without a state the tree is initialised or fitted from the data."""
-    return params.get("state") is None
-
-
 #: Distributed execution: trees are bound once on the client and cut per slice;
 #: each query is routed and attended independently given all keys.
-_SHARDING = Sharding(split={"tree": _tree_part}, shared=("state",), reads_data=_tree_reads_data, queries=True)
+_SHARDING = Sharding(split={"tree": _tree_part}, shared=("state",), reads_data=False, queries=True)
 
 TF_METHOD = Method(
     name="treeformer_tf",
@@ -319,6 +326,8 @@ TF_METHOD = Method(
     resolve=resolve_tf,
     flops=flops_tf,
     draw=draw,
+    fit=fit,
+    fit_when=_fits,
     info=info_tf,
     impls=_impls(True),
     budgets=_sweep,
@@ -332,6 +341,8 @@ TC_METHOD = Method(
     resolve=resolve_tc,
     flops=flops_tc,
     draw=draw,
+    fit=fit,
+    fit_when=_fits,
     info=info_tc,
     impls=_impls(False),
     budgets=_sweep,

@@ -687,3 +687,21 @@ def test_fit_on_input_rows_keep_the_query_positions(Nq, Nk, causal):
     else:                                                                   # contiguous; same positions i + o
         assert np.array_equal(rows, np.arange(rows[0], rows[0] + m))
         assert masks.causal_offset(sub_causal, m, Nk) == offset + rows[0]
+
+
+def test_gap_threshold_keeps_the_quantile_and_sits_midway_in_the_next_gap():
+    values = np.array([0.5, 0.1, 0.3, 0.3, 0.9, 0.7])
+    # sorted 0.1 0.3 0.3 0.5 0.7 0.9; "higher" quantile at 0.5 is index ceil(2.5) = 3 -> 0.5; next larger 0.7
+    assert sf.gap_threshold(values, 0.5) == pytest.approx(0.6)
+    assert sf.gap_threshold(values, 0.5) == pytest.approx(
+        (np.quantile(values, 0.5, method="higher") + 0.7) / 2)
+    assert sf.gap_threshold(values, 0.3) == pytest.approx(0.4)             # ties at 0.3: the gap above them
+    assert (values <= sf.gap_threshold(values, 0.3)).sum() == 3
+    top = sf.gap_threshold(values, 1.0)
+    assert 0.9 < top < 0.9 + 2e-3                                          # past the largest: a small margin
+    assert sf.gap_threshold(np.array([]), 0.95) == np.inf
+    rng = np.random.default_rng(0)
+    for recall in (0.5, 0.9, 0.95, 1.0):
+        d = rng.random(1000)
+        t = sf.gap_threshold(d, recall)
+        assert (d <= t).mean() >= recall and np.abs(d - t).min() > 0

@@ -429,12 +429,33 @@ def fit_centroids(state, q, k, *, num_clusters=16, n_rounds=1, max_iter=100, mas
     return dataclasses.replace(state, centroids=centroids)
 
 
+def gap_threshold(values, target_recall: float) -> float:
+    """The ``target_recall`` quantile ``d_k`` of ``values`` (``method="higher"``), moved midway to the next larger value.
+
+    ``d <= t`` then keeps exactly the values ``<= d_k``, and the nearest value
+    is half a gap away from ``t``. Past the largest value, ``t = d_k + 2^-10 max(|d_k|, 1)``;
+    ``+inf`` for no values.
+    """
+    values = np.sort(np.asarray(values, dtype=np.float64).ravel())           # (n,)
+    if values.size == 0:
+        return np.inf
+    d_k = values[int(np.ceil(target_recall * (values.size - 1)))]           # np.quantile's "higher"
+    above = values[values > d_k]
+    if above.size == 0:
+        return float(d_k + 2.0**-10 * max(abs(d_k), 1.0))
+    return float((d_k + above[0]) / 2)
+
+
 def fit_threshold(state, q, k, *, target_recall=0.95, metric="sqeuclidean", alpha=None, scale=None, mask=None,
                   causal=False, batch_size=16):
     """Per head, the distance under which ``target_recall`` of the gold pairs fall.
 
-    The ``target_recall`` quantile (``method="higher"``) of the projected
-    distances of all gold pairs; ``alpha`` and ``scale`` default to the
+    The ``target_recall`` quantile (``method="higher"``) ``d_k`` of the
+    projected distances of all gold pairs, moved midway to the next larger
+    gold distance (:func:`gap_threshold`), so that no gold pair of the
+    training data sits on the threshold, where the rounding of a float32
+    distance would decide whether it is kept (the backends round
+    differently); the recall on the training data is the same. ``alpha`` and ``scale`` default to the
     state's (else 1.5 and ``1/sqrt(D)``). A head whose training data hold no
     gold pair (every key masked: a row that sees a key always has one) gets
     the threshold ``+inf``: nothing was learned to drop a pair, so the
@@ -468,7 +489,7 @@ def fit_threshold(state, q, k, *, target_recall=0.95, metric="sqeuclidean", alph
     threshold = np.empty(H)
     for h, parts in pooled.items():
         values = np.concatenate(parts)
-        threshold[h] = np.quantile(values, target_recall, method="higher") if values.size else np.inf
+        threshold[h] = gap_threshold(values, target_recall)
     return dataclasses.replace(state, threshold=threshold, threshold_metric=metric)
 
 

@@ -14,6 +14,7 @@ Adding a method means adding its folder and one line to :data:`METHOD_MODULES`.
 from __future__ import annotations
 
 import importlib
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -279,10 +280,12 @@ class Method:
         """The backend's keyword arguments: ``params`` (resolved), then :attr:`draw`'s, then :attr:`fit`'s.
 
         When both run, an integer seed becomes one Generator, so that the
-        fit continues the draw's stream.
+        fit continues the draw's stream. Anything else goes through as given,
+        so that a method that never reads ``rng`` in this call ignores it,
+        and one that does rejects what it cannot use.
         """
         fitting = self.fits(problem, params)
-        if fitting and self.draw is not None and rng is not None and not isinstance(rng, np.random.Generator):
+        if fitting and self.draw is not None and isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
             rng = as_generator(rng)
         kwargs = dict(params)
         if self.draw is not None:

@@ -10,7 +10,7 @@ overlap; ``wall`` is the whole task.
 
     python scripts/compile_profile.py                 # every method, one line of JSON each
     python scripts/compile_profile.py exact nystrom   # some
-    python scripts/compile_profile.py --out benchmarks/cpu/compile-profile/results.json
+    python scripts/compile_profile.py --out benchmarks/cpu/compile-profile/profile.json
 
 With ``--out``, also a table in the generic format of
 ``scripts/publish_docs_numbers.py`` (the benchmarks page shows it): per
@@ -76,7 +76,8 @@ def table(results: list[dict], command: str) -> dict:
     return {"command": command, "columns": ["method", "compile task", "costliest kernels (s, with their callees)"],
             "formats": {"compile task": "{:.1f} s"}, "rows": rows,
             "machine": f"{env['cpu_count']} cores, {env['cpu']}, numba {env['versions'].get('numba', '?')}, {env['date']}",
-            "note": f"One process per method on an empty cache, one after another: {total:.0f} s in all."}
+            "note": f"One process per method on an empty cache, one after another: {total:.0f} s in all.",
+            "raw": results}
 
 
 def main(argv=None):

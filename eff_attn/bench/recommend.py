@@ -44,6 +44,7 @@ from .. import _backend, api, metrics, registry
 from ..registry import NotSupportedError
 from .measure import measure_call
 from .report import budget_label, fastest_within, pareto_front, progress_bar
+from .targets import target_backend
 
 __all__ = ["sweep", "choose", "recommend", "downstream_change", "load_model_spec", "print_report",
            "write_outputs", "run_from_cli", "YARDSTICKS"]
@@ -63,7 +64,7 @@ _ERRORS = ("rel_fro", "err_ratio")
 
 def _truth(q, k, v, causal):
     """float64 exact attention and the uniform mean, per head: (heads, n, Dv) each."""
-    backend = "numba" if _backend.available("numba")[0] else "numpy"
+    backend = target_backend(q.shape[0], q.shape[1], k.shape[1])
     exact = api.attention(q, k, v, method="exact", backend=backend, causal=causal, algorithm="blocked")
     uniform = api.attention(q, k, v, method="uniform", backend=backend, causal=causal)
     return exact, uniform

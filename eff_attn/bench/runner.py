@@ -41,7 +41,7 @@ from ..registry import NotSupportedError
 from .measure import measure_call
 from .problems import make_problem
 from .report import BETTER_THAN_UNIFORM
-from .targets import SOFTMAX, Target, target_of
+from .targets import SOFTMAX, Target, target_backend, target_of
 from .warmup import cold_tasks, compile_ahead, compile_seconds
 
 __all__ = ["CompareConfig", "run_compare", "environment", "expected_cost", "check_backends", "sdpa_inputs", "SDPA",
@@ -131,7 +131,7 @@ class _Truth:
 
     def __init__(self, q, k, v, causal):
         self.qkv, self.causal = (q, k, v), causal
-        self.backend = "numba" if _backend.available("numba")[0] else "numpy"
+        self.backend = target_backend(q.shape[0], q.shape[1], k.shape[1])
         self._cache = {}
         self.uniform = api.attention(q, k, v, method="uniform", backend=self.backend, causal=causal)
         self.exact = self.output(SOFTMAX)                                  # blocked: no N^2 memory

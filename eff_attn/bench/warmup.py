@@ -28,12 +28,13 @@ import numpy as np
 
 __all__ = ["cold_tasks", "compile_ahead", "warm_cells", "has_cached_kernels", "compile_seconds", "COMPILE_S"]
 
-#: Seconds a worker takes to compile each method's default compare cells on an empty cache, float64
-#: targets included (``python scripts/compile_profile.py``, 2-core box, see the benchmarks page). They
-#: order the tasks, longest first, and weight the progress bar; nothing else reads them.
-COMPILE_S = {"exact": 26.0, "uniform": 18.0, "topk_oracle": 40.0, "yoso": 41.0, "kdeformer": 43.0, "local": 1.0,
-             "performer": 44.0, "routing": 53.0, "nystrom": 50.0, "reformer": 38.0, "treeformer_tf": 33.0,
-             "treeformer_tc": 27.0, "entmax": 51.0, "sparsefinder": 61.0}
+#: Seconds a worker took to compile and run each method's default compare cells in the compile-ahead pass
+#: of a cold default run (``compile_ahead_s`` of ``benchmarks/cpu/compare-walltime``, 2-core box; kernels
+#: another task had cached by then are loaded, not compiled). They order the tasks, longest first, and
+#: weight the progress bar; nothing else reads them.
+COMPILE_S = {"exact": 25.0, "uniform": 3.0, "topk_oracle": 10.0, "yoso": 16.0, "kdeformer": 13.0,
+             "performer": 16.0, "routing": 19.0, "nystrom": 15.0, "reformer": 14.0, "treeformer_tf": 10.0,
+             "treeformer_tc": 10.0, "entmax": 10.0, "sparsefinder": 39.0}
 #: A method missing from :data:`COMPILE_S`.
 _COMPILE_S_OTHER = 30.0
 
@@ -73,7 +74,7 @@ def warm_cells(task: dict) -> tuple[str, float]:
 
     from .. import api
     from .problems import make_problem
-    from .targets import SOFTMAX, Target, target_of
+    from .targets import SOFTMAX, Target, target_backend, target_of
 
     numba.set_num_threads(1)                                 # the workers share the cores
     problem = make_problem(task["problem"], task["n"], d=task["d"], heads=task["heads"])
@@ -90,11 +91,12 @@ def warm_cells(task: dict) -> tuple[str, float]:
                 targets.add(target_of(task["method"], call.params))
             except Exception:  # noqa: BLE001 - the timed run reports every failure with its reason
                 continue
-    for target in targets:                                   # the float64 references of these cells
-        try:
-            api.attention(*host64, method=target.method, backend="numba", causal=task["causal"], **target.kwargs)
-        except Exception:  # noqa: BLE001
-            pass
+    if target_backend(*host64[0].shape[:2], host64[1].shape[1]) == "numba":   # the targets' float64 kernels
+        for target in targets:
+            try:
+                api.attention(*host64, method=target.method, backend="numba", causal=task["causal"], **target.kwargs)
+            except Exception:  # noqa: BLE001
+                pass
     return task["method"], time.perf_counter() - start
 
 

@@ -205,7 +205,7 @@ def test_compile_ahead_fills_a_cold_cache_and_skips_a_warm_one(tmp_path):
         "from eff_attn.bench.runner import CompareConfig; from eff_attn.bench.warmup import cold_tasks, "
         "compile_ahead, has_cached_kernels; "
         "m = registry.get_method('uniform'); c = CompareConfig(methods=['uniform'], ns=[64], heads=1, d=8); "
-        "cells = [(64, m, {}, 'auto')]; before = has_cached_kernels(m); tasks = cold_tasks(c, cells); "
+        "cells = [(64, m, {}, 'numba')]; before = has_cached_kernels(m); tasks = cold_tasks(c, cells); "
         "first = compile_ahead(tasks, 2); after = has_cached_kernels(m); "
         "second = compile_ahead(cold_tasks(c, cells), 2); "
         "print(json.dumps([before, sorted(first), after, second, compile_ahead(tasks, 1)]))"

@@ -107,33 +107,58 @@ def _shifted(z, visible, alpha, xp):
     return xp.where(visible, x, GUARANTEED_ZERO_FILL).astype(z.dtype, copy=False), z_max
 
 
-def _sort_tau(x, alpha, xp):
-    """Exact threshold from the sorted row, alpha = 2 (sparsemax) or 1.5.
+#: :func:`_sort_tau` first sorts only the largest entries of each row; a row whose support
+#: reaches this many is sorted whole.
+SORT_CANDIDATES = 256
 
-    With ``x_(1) >= x_(2) >= ...`` and ``k = 1..n``:
+
+def _tau_of_sorted(xs, alpha, xp):
+    """Threshold from a descending row ``xs`` (..., m); also whether the support is shorter than ``m``.
+
+    With ``x_(1) >= x_(2) >= ...`` and ``k = 1..m``:
 
     - alpha = 2: ``c_k = sum_{l<=k} x_(l)``, ``k* = max{k : 1 + k x_(k) > c_k}``,
       ``tau = (c_k* - 1) / k*``;
     - alpha = 1.5: prefix means ``mu_k`` of ``x`` and ``m_k`` of ``x**2``,
       ``delta_k = (1 - k (m_k - mu_k**2)) / k``, ``tau_k = mu_k - sqrt(max(delta_k, 0))``,
       ``k* = #{k : tau_k <= x_(k)}``, ``tau = tau_k*``.
+
+    The condition holds exactly for ``k <= k*``, and ``tau`` reads only the
+    first ``k*`` entries: from the ``m`` largest entries of a longer row, the
+    answer is the whole row's wherever ``k* < m``.
     """
-    n = x.shape[-1]
-    xs = -xp.sort(-x, axis=-1)                                                  # (..., n) descending
-    k = xp.arange(1, n + 1, dtype=x.dtype)                                      # (n,)
-    c = xp.cumsum(xs, axis=-1)                                                  # (..., n)
+    m = xs.shape[-1]
+    k = xp.arange(1, m + 1, dtype=xs.dtype)                                     # (m,)
+    c = xp.cumsum(xs, axis=-1)                                                  # (..., m)
     if alpha == 2:
-        holds = 1 + k * xs > c                                                  # (..., n)
+        holds = 1 + k * xs > c                                                  # (..., m)
         k_star = xp.max(xp.where(holds, k, 1), axis=-1, keepdims=True)          # (..., 1)
         c_star = xp.take_along_axis(c, k_star.astype(np.int64) - 1, axis=-1)    # (..., 1)
-        return (c_star - 1) / k_star                                            # (..., 1)
-    mu = c / k                                                                  # (..., n)
-    m2 = xp.cumsum(xs * xs, axis=-1) / k                                        # (..., n)
-    delta = (1 - k * (m2 - mu * mu)) / k                                        # (..., n)
-    tau_k = mu - xp.sqrt(xp.maximum(delta, 0))                                  # (..., n)
+        return (c_star - 1) / k_star, k_star[..., 0] < m                        # (..., 1), (...)
+    mu = c / k                                                                  # (..., m)
+    m2 = xp.cumsum(xs * xs, axis=-1) / k                                        # (..., m)
+    delta = (1 - k * (m2 - mu * mu)) / k                                        # (..., m)
+    tau_k = mu - xp.sqrt(xp.maximum(delta, 0))                                  # (..., m)
     k_star = xp.maximum((tau_k <= xs).sum(axis=-1, keepdims=True), 1)           # (..., 1)
-    return xp.take_along_axis(tau_k, k_star - 1, axis=-1)                       # (..., 1)
+    return xp.take_along_axis(tau_k, k_star - 1, axis=-1), k_star[..., 0] < m   # (..., 1), (...)
 
+
+def _sort_tau(x, alpha, xp):
+    """Exact threshold from the sorted row, alpha = 2 (sparsemax) or 1.5 (:func:`_tau_of_sorted`).
+
+    Rows longer than :data:`SORT_CANDIDATES` sort only their largest
+    ``SORT_CANDIDATES`` entries (a partition, then a sort); the rows whose
+    support may not fit in them are sorted whole. Same result, same
+    rounding: the prefix sums see the same entries in the same order.
+    """
+    n = x.shape[-1]
+    if n <= SORT_CANDIDATES:
+        return _tau_of_sorted(-xp.sort(-x, axis=-1), alpha, xp)[0]              # (..., 1)
+    top = -xp.partition(-x, SORT_CANDIDATES - 1, axis=-1)[..., :SORT_CANDIDATES]   # (..., m) largest, any order
+    tau, fits = _tau_of_sorted(-xp.sort(-top, axis=-1), alpha, xp)             # (..., 1), (...)
+    if not bool(xp.all(fits)):                                                  # long supports: the whole row
+        tau[~fits] = _tau_of_sorted(-xp.sort(-x[~fits], axis=-1), alpha, xp)[0]
+    return tau
 
 def _bisect_tau(x, n_visible, alpha, n_iter, xp):
     """Lower end ``lo`` of the bisection bracket after ``n_iter`` halvings.

@@ -518,3 +518,23 @@ def test_torch_tensors_round_trip():
     p = eff_attn.sparsemax(z)
     assert isinstance(p, torch.Tensor)
     assert_close(p, [[0.0, 0.25, 0.75]], rel=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_sort_threshold_of_long_rows_matches_bisection_for_short_and_long_supports(alpha):
+    """Rows longer than SORT_CANDIDATES sort only their largest entries unless the support may not fit."""
+    from eff_attn import _entmax
+
+    rng = np.random.default_rng(3)
+    supports = []
+    for scale in (0.001, 0.02, 0.3, 5.0):                                   # supports above and below 256
+        z = rng.standard_normal((6, 700)) * scale
+        visible = rng.random((6, 700)) > 0.1
+        visible[0] = False                                                  # an empty row
+        p, tau, support = _entmax.entmax_rows(z, visible, alpha, algorithm="sort")
+        p_bis, _, _ = _entmax.entmax_rows(z, visible, alpha, algorithm="bisect", n_iter=200)
+        np.testing.assert_allclose(p, p_bis, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(p[1:].sum(axis=-1), 1.0, rtol=1e-12)
+        assert (p[0] == 0).all()
+        supports.extend(support[1:])
+    assert min(supports) < _entmax.SORT_CANDIDATES < max(supports)

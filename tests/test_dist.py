@@ -337,9 +337,10 @@ def data_reading_method(queries):
     )
 
 
-def _prepared_once_on_the_whole_inputs(name, queries, seed):
-    """One prepare task that sees all the data, then a part per chunk; the same output as one machine's call."""
-    q, k, v, mask = problem(seed=seed)
+@pytest.mark.parametrize("queries", [False, True])
+def test_a_draw_that_reads_the_data_runs_once_on_the_whole_inputs(client, registered, queries):
+    name = registered(data_reading_method(queries))
+    q, k, v, mask = problem(seed=11)
     qd = chunked(q, (1, 2, 13, 6))
     out = eff_attn.dist.attention(qd, chunked(k, (2, 1, 20, 6)), chunked(v, (1, 1, 53, 5)), mask=mask,
                                   method=name, rng=4, causal=True)
@@ -351,16 +352,19 @@ def _prepared_once_on_the_whole_inputs(name, queries, seed):
 
 
 @pytest.mark.parametrize("queries", [False, True])
-def test_a_draw_that_reads_the_data_runs_once_on_the_whole_inputs(client, registered, queries):
-    _prepared_once_on_the_whole_inputs(registered(data_reading_method(queries)), queries, seed=11)
-
-
-@pytest.mark.parametrize("queries", [False, True])
 def test_a_fit_runs_once_on_the_whole_inputs_though_resolve_reads_only_shapes(client, registered, queries):
     method = dataclasses.replace(data_reading_method(queries), name=f"fitted_{queries}", draw=None,
                                  fit=_draw_shift_from_data,
                                  sharding=Sharding(split={"v_shift": ("slice",)}, reads_data=False, queries=queries))
-    _prepared_once_on_the_whole_inputs(registered(method), queries, seed=13)
+    name = registered(method)
+    q, k, v, mask = problem(seed=13)
+    qd = chunked(q, (1, 2, 13, 6))
+    out = eff_attn.dist.attention(qd, chunked(k, (2, 1, 20, 6)), chunked(v, (1, 1, 53, 5)), mask=mask,
+                                  method=name, rng=4, causal=True)
+    assert len([k for k in out.__dask_graph__() if "prepare_on_data" in str(k)]) == 1
+    assert len(task_keys(out, "part")) == 4 * (3 if queries else 1)
+    expected = eff_attn.attention(q, k, v, mask=mask, method=name, rng=4, causal=True)
+    assert_close(out.compute(), expected, rel=1e-12)
 
 
 def test_an_undeclared_array_entry_is_refused(registered):

@@ -1,12 +1,14 @@
 """Timing and memory measurement for one backend call.
 
+- **Warm time**: the call is run once (compilation, caches, CuPy module
+  loads), then ``repeats`` more times; the median and the interquartile
+  range of those are reported. The first run minus the warm median is the
+  compile (first-call) overhead.
 - **One pass** (:func:`measure_call`, what ``eff-attn compare`` uses): the
-  first call (compilation, caches, CuPy module loads), then one warm call
-  that is memory-tracked and whose result is kept for scoring, then timed
-  warm calls only while they fit the time budget (at least one); the median
-  and the interquartile range of those are reported, and the first run
-  minus the warm median is the compile (first-call) overhead. A call that
-  takes seconds is made three times, not six or seven.
+  first call, then one warm call that is memory-tracked and whose result is
+  kept for scoring, then timed warm calls only while they fit the time
+  budget (at least one). A call that takes seconds is made three times, not
+  six or seven.
 - **GPU timing** uses CUDA events around each call.
 - **Peak memory** on the CPU is the growth of the process's resident set:
   Linux lets a process reset its high-water mark (``/proc/self/clear_refs``),
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Timing", "Measured", "best_time", "peak_memory", "measure_call"]
+__all__ = ["Timing", "Measured", "time_call", "best_time", "peak_memory", "measure_call"]
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,26 @@ def best_time(fn, repeats: int = 3, *, device: str = "cpu") -> float:
     """Seconds of the fastest of ``repeats`` warm calls of ``fn()``, after one warm-up call.
 
     For scripts that tabulate one number per configuration; ``eff-attn compare``
-    reports the median and spread instead (:func:`measure_call`).
+    reports the median and spread instead (:func:`time_call`).
     """
     _timed(fn, device)
     return min(_timed(fn, device) for _ in range(repeats))
+
+
+def time_call(fn, *, device: str = "cpu", repeats: int = 5, min_time_s: float = 0.0) -> Timing:
+    """Time ``fn()``: one first call, then at least ``repeats`` warm calls.
+
+    Warm calls continue until ``min_time_s`` of them have accumulated.
+    """
+    _sync(device)
+    first = _timed(fn, device)
+    warm = []
+    while len(warm) < repeats or sum(warm) < min_time_s:
+        warm.append(_timed(fn, device))
+        if len(warm) >= 1000:
+            break
+    q25, median, q75 = np.percentile(warm, [25, 50, 75])
+    return Timing(first, float(median), float(q25), float(q75), len(warm))
 
 
 def _status_kib(field: str) -> int | None:
